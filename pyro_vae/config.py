@@ -1,0 +1,240 @@
+"""The configuration tree: defaults, TOML, flag and ``--set`` overrides, validation.
+
+One dataclass per section (``data``, ``model``, ``inference``, ``train``). A run
+is fully described by a :class:`Config`; it is validated before any work starts
+and written resolved into every run directory, so ``pyro-vae train
+RUN/config.toml`` repeats the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import datasets
+from .elbos import estimators
+from .errors import PyroVAEError
+from .guides import guides
+from .likelihoods import likelihoods
+from .nets import architectures
+from .priors import priors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+BINARIZATIONS = ("dynamic", "static", "none")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    binarize: str = "dynamic"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [400])
+    latent_dim: int = 50
+    prior: str = "normal"
+    likelihood: str = "bernoulli"
+    guide: str = "normal"
+
+
+@dataclass
+class InferenceConfig:
+    elbo: str = "trace"
+    num_particles: int = 1
+    iw_samples: int = 100
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _sections(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _coerce(where: str, kind: Any, value: Any) -> Any:
+    """Check a TOML value against a field type (ints are accepted for floats)."""
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is list:
+        if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return list(value)
+        raise PyroVAEError(f"{where} must be a list of whole numbers, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise PyroVAEError(f"{where} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(tree: dict[str, Any], base: Config | None = None) -> Config:
+    """A config from a nested dict (as read from TOML); unknown keys are errors."""
+    config = dataclasses.replace(base) if base else Config()
+    sections = _sections(config)
+    for name, values in tree.items():
+        if name not in sections:
+            raise PyroVAEError(
+                f"unknown config section [{name}]; valid sections: {', '.join(sections)}"
+            )
+        if not isinstance(values, dict):
+            raise PyroVAEError(f"config [{name}] must be a table of keys")
+        section = dataclasses.replace(sections[name])
+        types = _field_types(section)
+        for key, value in values.items():
+            if key not in types:
+                raise PyroVAEError(
+                    f"unknown config key {name}.{key}; valid keys: {', '.join(types)}"
+                )
+            setattr(section, key, _coerce(f"{name}.{key}", types[key], value))
+        setattr(config, name, section)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load(path: str | Path) -> Config:
+    """Read a TOML config file."""
+    try:
+        with open(path, "rb") as f:
+            tree = tomllib.load(f)
+    except FileNotFoundError:
+        raise PyroVAEError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PyroVAEError(f"cannot read config file {path}: {e}") from None
+    return from_dict(tree)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps(config: Config) -> str:
+    """The config as TOML text (keys that are None are left out: TOML has no null)."""
+    lines: list[str] = []
+    for name, values in to_dict(config).items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _parse_text(where: str, kind: Any, text: str) -> Any:
+    """Convert a ``--set`` value from text to the field's type."""
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if typing.get_origin(kind) is list:
+            return [int(t) for t in text.replace(" ", "").strip("[]").split(",") if t]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is bool:
+            return {"true": True, "false": False}[text.lower()]
+    except (ValueError, KeyError):
+        type_name = {int: "int", float: "float", bool: "true/false"}.get(kind, "list of ints")
+        raise PyroVAEError(f"{where} must be of type {type_name}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """Apply ``section.key=value`` overrides (the CLI's ``--set``)."""
+    tree: dict[str, dict[str, Any]] = {}
+    sections = _sections(config)
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        name, dot, key = path.strip().partition(".")
+        if not sep or not dot:
+            raise PyroVAEError(f"--set needs section.key=value, got {item!r}")
+        if name not in sections:
+            raise PyroVAEError(
+                f"unknown config section {name!r} in --set {item!r}; "
+                f"valid sections: {', '.join(sections)}"
+            )
+        types = _field_types(sections[name])
+        if key not in types:
+            raise PyroVAEError(f"unknown config key {name}.{key}; valid keys: {', '.join(types)}")
+        tree.setdefault(name, {})[key] = _parse_text(path, types[key], text.strip())
+    return from_dict(tree, config)
+
+
+def validate(config: Config) -> Config:
+    """Refuse out-of-range values and bad specs before any work starts."""
+    d, m, i, t = config.data, config.model, config.inference, config.train
+    if d.dataset not in datasets:
+        raise PyroVAEError(f"unknown dataset {d.dataset!r}; choose from: {datasets.choices()}")
+    if d.binarize not in BINARIZATIONS:
+        raise PyroVAEError(
+            f"unknown binarization {d.binarize!r}; choose from: {', '.join(BINARIZATIONS)}"
+        )
+    checks = [
+        (m.latent_dim >= 1, "model.latent_dim must be >= 1"),
+        (len(m.hidden) >= 1 and min(m.hidden) >= 1, "model.hidden must be sizes >= 1"),
+        (i.num_particles >= 1, "inference.num_particles must be >= 1"),
+        (i.iw_samples >= 1, "inference.iw_samples must be >= 1"),
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
+        (t.seed >= 0, "train.seed must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PyroVAEError(message)
+    if t.device not in ("cpu", "cuda", "auto") and not t.device.startswith("cuda:"):
+        raise PyroVAEError(f"unknown device {t.device!r}; choose from: cpu, cuda, cuda:N, auto")
+    for registry, spec in (
+        (architectures, m.arch),
+        (priors, m.prior),
+        (likelihoods, m.likelihood),
+        (guides, m.guide),
+    ):
+        registry.parse(spec)
+    estimators.parse(i.elbo)
+    return config

@@ -1,0 +1,169 @@
+"""Datasets held whole in memory, with binarization and batching by slicing tensors.
+
+Images are stored flattened as uint8 levels (0..255 for MNIST, 0..16 for the
+bundled digits); a batch is an index into that tensor, scaled to [0, 1] and,
+for dynamic binarization, resampled as Bernoulli(intensity) each time it is
+drawn. The test set is binarized once with a fixed seed, so test numbers
+compare across runs. No DataLoader and no per-item Python work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import PyroVAEError
+from .registry import Registry
+
+datasets = Registry("dataset")
+
+TEST_BINARIZATION_SEED = 0
+"""Seed of the one-off binarization of test (and static training) data."""
+
+
+@dataclass
+class Dataset:
+    """Train and test images as flattened uint8 levels, with labels."""
+
+    name: str
+    image_shape: tuple[int, ...]
+    levels: int
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def default_data_dir() -> Path:
+    """``$PYRO_VAE_DATA``, else the per-user cache folder."""
+    if os.environ.get("PYRO_VAE_DATA"):
+        return Path(os.environ["PYRO_VAE_DATA"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pyro-vae"
+
+
+def _torchvision_dataset(cls_name: str, name: str, data_dir: str | None) -> Dataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if data_dir and not root.is_dir():
+        raise PyroVAEError(
+            f"data folder {root} does not exist; pass an existing --data-dir "
+            f"or use --dataset digits, which ships with scikit-learn"
+        )
+    try:
+        splits = [cls(str(root), train=train, download=False) for train in (True, False)]
+    except RuntimeError:
+        splits = _download(cls, name, root)
+    except Exception as e:  # torchvision's readers fail many ways on damaged files
+        raise PyroVAEError(f"cannot read {name} from {root}: {e}") from None
+    (train, test) = splits
+    images = [s.data.reshape(len(s.data), -1).contiguous() for s in splits]
+    if any(img.dtype != torch.uint8 or img.shape[1] != 28 * 28 for img in images):
+        raise PyroVAEError(f"{name} in {root} is not 28x28 uint8 images")
+    return Dataset(name, (28, 28), 255, images[0], train.targets, images[1], test.targets)
+
+
+def _download(cls, name: str, root: Path) -> list:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return [cls(str(root), train=train, download=True) for train in (True, False)]
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PyroVAEError(
+            f"{name} is not in {root} and could not be downloaded ({reason}); "
+            f"point --data-dir (or $PYRO_VAE_DATA) at a folder that has it, "
+            f"or use --dataset digits, which needs no network"
+        ) from None
+
+
+@datasets.register("mnist")
+def mnist(data_dir: str | None = None) -> Dataset:
+    """MNIST handwritten digits (LeCun et al.), 60,000 train / 10,000 test, 28x28."""
+    return _torchvision_dataset("MNIST", "mnist", data_dir)
+
+
+@datasets.register("fashion-mnist")
+def fashion_mnist(data_dir: str | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017), 60,000 train / 10,000 test, 28x28."""
+    return _torchvision_dataset("FashionMNIST", "fashion-mnist", data_dir)
+
+
+DIGITS_TEST_SIZE = 297
+
+
+@datasets.register("digits")
+def digits(data_dir: str | None = None) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (levels 0..16): 1,500 train / 297 test, offline."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    order = np.random.default_rng(0).permutation(len(bunch.target))
+    images = torch.from_numpy(bunch.data[order].astype(np.uint8))
+    labels = torch.from_numpy(bunch.target[order].astype(np.int64))
+    n = len(labels) - DIGITS_TEST_SIZE
+    return Dataset("digits", (8, 8), 16, images[:n], labels[:n], images[n:], labels[n:])
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    """The dataset called ``name`` (see :data:`datasets`), read from ``data_dir``."""
+    return datasets.build(name, data_dir=data_dir)
+
+
+def _binarize_once(intensities: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
+    return torch.bernoulli(intensities, generator=generator)
+
+
+class ImageBatches:
+    """A dataset on a device, ready to hand out training batches and the test set.
+
+    Args:
+        dataset: the images as uint8 levels.
+        binarize: ``"dynamic"`` (train resampled every batch, test fixed),
+            ``"static"`` (both binarized once) or ``"none"`` ([0, 1] intensities).
+        device: where the tensors live; data move there once.
+    """
+
+    def __init__(self, dataset: Dataset, binarize: str = "dynamic", device: str = "cpu"):
+        self.dataset = dataset
+        self.binarize = binarize
+        self.scale = 1.0 / dataset.levels
+        test = dataset.test_images.float() * self.scale
+        train = dataset.train_images
+        if binarize != "none":
+            test = _binarize_once(test)
+        if binarize == "static":
+            train = _binarize_once(train.float() * self.scale).to(torch.uint8)
+            self.scale = 1.0
+        self.train_images = train.to(device)
+        self.test_images = test.to(device)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_images)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Training images at ``index`` as floats, binarized afresh when dynamic."""
+        x = self.train_images[index].float().mul_(self.scale)
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x)
+        return x
+
+    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """One epoch of shuffled batches (the last one may be smaller)."""
+        order = torch.randperm(self.num_train, device=self.train_images.device)
+        for start in range(0, self.num_train, batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+    def all_images(self, chunk: int = 10_000) -> Iterator[torch.Tensor]:
+        """Every training and test image as the model will see it, in chunks."""
+        for part in self.train_images.split(chunk):
+            yield part.float() * self.scale
+        yield self.test_images

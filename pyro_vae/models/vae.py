@@ -1,0 +1,85 @@
+"""The variational autoencoder as a Pyro model and guide.
+
+``model`` is p(z) p(x|z) and ``guide`` is q(z|x); any ELBO from ``pyro.infer``
+turns the pair into E_q[log p(x|z)] - KL(q(z|x) || p(z)), so no loss is written
+here. Each of prior, likelihood, guide family and network is a component
+chosen by spec string or passed in as an object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+
+from ..guides import guides
+from ..likelihoods import likelihoods
+from ..nets import architectures
+from ..priors import priors
+
+
+class VAE(nn.Module):
+    """Variational autoencoder (Kingma & Welling 2014) as a Pyro program.
+
+    Args:
+        image_shape: shape of one image, e.g. ``(28, 28)``; data arrive flattened.
+        latent_dim: size of z.
+        hidden: hidden layer sizes of the encoder (the decoder mirrors them).
+        prior, likelihood, guide, arch: spec strings (``"normal"``, ``"bernoulli"``,
+            ...) or ready-made component objects.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int = 50,
+        hidden: Sequence[int] = (400,),
+        prior: Any = "normal",
+        likelihood: Any = "bernoulli",
+        guide: Any = "normal",
+        arch: Any = "mlp",
+    ):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.data_dim = math.prod(self.image_shape)
+        self.latent_dim = latent_dim
+        self.prior = priors.build(prior, latent_dim=latent_dim)
+        self.likelihood = likelihoods.build(likelihood, data_dim=self.data_dim)
+        self.posterior = guides.build(guide, latent_dim=latent_dim)
+        self.encoder, self.decoder = architectures.build(
+            arch,
+            image_shape=self.image_shape,
+            hidden=tuple(hidden),
+            latent_dim=latent_dim,
+            encoder_out=self.posterior.param_dim,
+            decoder_out=self.likelihood.param_dim,
+        )
+
+    def model(self, x: torch.Tensor) -> None:
+        """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D)."""
+        pyro.module("vae", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        """q(z|x), amortized by the encoder."""
+        pyro.module("vae", self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", self.posterior(self.encoder(x)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|z) at the posterior mean of z, shape (B, D)."""
+        z = self.posterior(self.encoder(x)).mean
+        return self.likelihood(self.decoder(z)).mean
+
+    @torch.no_grad()
+    def generate(self, n: int) -> torch.Tensor:
+        """Means of p(x|z) for ``n`` draws z ~ p(z), shape (n, D)."""
+        z = self.prior().sample((n,))
+        return self.likelihood(self.decoder(z)).mean
