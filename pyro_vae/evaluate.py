@@ -18,6 +18,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
 
 from .errors import PyroVAEError
 from .models import VAE
@@ -42,10 +43,10 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     total = 0.0
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace.compute_log_prob()
         for site in trace.nodes.values():
-            if site["type"] == "sample":
-                log_prob = site["fn"].log_prob(site["value"])
-                total = total + sign * log_prob.expand(num_samples, len(x))
+            if site["type"] == "sample" and not site_is_subsample(site):
+                total = total + sign * site["log_prob"].expand(num_samples, len(x))
     return total
 
 

@@ -1,0 +1,122 @@
+"""Config: TOML round trip, overrides, validation; spec strings through the registries."""
+
+import pytest
+
+from pyro_vae import PyroVAEError, priors
+from pyro_vae.config import Config, apply_overrides, dumps, from_dict, load, validate
+from pyro_vae.elbos import estimators
+
+
+def test_toml_round_trip_keeps_every_field(tmp_path):
+    config = Config()
+    config.data.data_dir = 'C:\\data "quoted"'
+    config.model.hidden = [400, 200]
+    config.train.lr = 3e-4
+    path = tmp_path / "c.toml"
+    path.write_text(dumps(config))
+    assert load(path) == config
+
+
+def test_none_fields_are_left_out_of_toml_and_come_back_as_none(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(dumps(Config()))
+    assert "data_dir" not in path.read_text()
+    assert load(path).data.data_dir is None
+
+
+def test_set_overrides_parse_values_by_field_type():
+    config = apply_overrides(
+        Config(),
+        ["model.hidden=400,200", "train.lr=0.01", "train.epochs=3", "model.prior=normal-learned"],
+    )
+    assert config.model.hidden == [400, 200]
+    assert config.train.lr == 0.01 and config.train.epochs == 3
+    assert config.model.prior == "normal-learned"
+    assert Config().model.hidden == [400], "defaults are not mutated"
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("model.foo=1", "unknown config key model.foo; valid keys: arch, hidden"),
+        ("nope.epochs=1", "unknown config section 'nope'"),
+        ("train.epochs=many", "train.epochs must be of type int"),
+        ("train.epochs", "--set needs section.key=value"),
+    ],
+)
+def test_bad_overrides_are_refused_with_the_valid_choices(assignment, message):
+    with pytest.raises(PyroVAEError, match=message):
+        apply_overrides(Config(), [assignment])
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs must be of type int"),
+        ({"train": {"epochs": True}}, "train.epochs must be of type int"),
+        ({"model": {"hidden": [400, "x"]}}, "model.hidden must be a list of whole numbers"),
+        ({"extra": {}}, r"unknown config section \[extra\]"),
+        ({"train": 3}, r"config \[train\] must be a table"),
+    ],
+)
+def test_wrong_types_in_toml_are_refused(tree, message):
+    with pytest.raises(PyroVAEError, match=message):
+        from_dict(tree)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.epochs", "-1", "train.epochs must be >= 1"),
+        ("model.latent_dim", "0", "model.latent_dim must be >= 1"),
+        ("inference.iw_samples", "0", "inference.iw_samples must be >= 1"),
+        ("train.lr", "0", "train.lr must be a finite number > 0"),
+        ("train.lr", "nan", "train.lr must be a finite number > 0"),
+        ("data.dataset", "cifar", "unknown dataset 'cifar'; choose from: digits"),
+        ("data.binarize", "sometimes", "unknown binarization 'sometimes'"),
+        ("train.device", "tpu", "unknown device 'tpu'"),
+        ("model.prior", "gauss", "unknown prior 'gauss'; choose from: normal"),
+        ("inference.elbo", "iwae:0", "iwae:0.*K='0' must be a whole number >= 1"),
+        ("inference.elbo", "renyi:1:5", "must not be 1"),
+    ],
+)
+def test_validation_refuses_out_of_range_values_before_any_work(field, value, message):
+    config = apply_overrides(Config(), [f"{field}={value}"])
+    with pytest.raises(PyroVAEError, match=message):
+        validate(config)
+
+
+def test_bad_toml_syntax_is_our_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\nepochs = 1")
+    with pytest.raises(PyroVAEError, match="cannot read config file"):
+        load(path)
+    with pytest.raises(PyroVAEError, match="does not exist"):
+        load(tmp_path / "missing.toml")
+
+
+def test_spec_parser_converts_arguments_and_explains_usage():
+    entry, values = estimators.parse("renyi:0.5:10")
+    assert entry.name == "renyi" and values == {"ALPHA": 0.5, "K": 10}
+    with pytest.raises(PyroVAEError, match="needs K; usage: iwae:K"):
+        estimators.parse("iwae")
+    with pytest.raises(PyroVAEError, match="too many arguments; usage: normal"):
+        priors.parse("normal:3")
+
+
+def test_a_user_registered_component_is_selectable_by_name(monkeypatch):
+    from pyro_vae import VAE
+    from pyro_vae.priors import StandardNormalPrior
+
+    monkeypatch.setattr(priors, "_entries", dict(priors._entries))
+
+    @priors.register("wide")
+    class WidePrior(StandardNormalPrior):
+        """N(0, 9 I)."""
+
+        def __init__(self, latent_dim):
+            super().__init__(latent_dim)
+            self.scale.mul_(3)
+
+    assert "wide" in priors.choices()
+    assert VAE((8, 8), latent_dim=2, prior="wide").prior().stddev.tolist() == [3.0, 3.0]

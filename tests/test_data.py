@@ -1,0 +1,95 @@
+"""Datasets in memory, binarization, and the data-folder rules."""
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from pyro_vae import ImageBatches, PyroVAEError, load_dataset
+
+from .helpers import mnist_dir, needs_mnist
+
+
+def test_digits_has_a_fixed_split_of_8x8_images_with_17_levels():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.image_shape == (8, 8) and a.levels == 16
+    assert a.train_images.shape == (1500, 64) and a.test_images.shape == (297, 64)
+    assert a.train_images.dtype == torch.uint8 and int(a.train_images.max()) == 16
+    assert torch.equal(a.test_images, b.test_images)
+    assert sorted(a.test_labels.unique().tolist()) == list(range(10))
+
+
+def test_dynamic_binarization_resamples_train_batches_but_fixes_the_test_set():
+    dataset = load_dataset("digits")
+    one, two = ImageBatches(dataset, "dynamic"), ImageBatches(dataset, "dynamic")
+    assert torch.equal(one.test_images, two.test_images)
+    assert set(one.test_images.unique().tolist()) == {0.0, 1.0}
+    index = torch.arange(200)
+    first, second = one.batch(index), one.batch(index)
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+    intensity = dataset.train_images[:200].float() / 16
+    assert (first - intensity).mean().abs() < 0.02  # Bernoulli(intensity) is unbiased
+
+
+def test_static_binarization_draws_the_training_set_once():
+    batches = ImageBatches(load_dataset("digits"), "static")
+    index = torch.arange(100)
+    assert torch.equal(batches.batch(index), batches.batch(index))
+    assert set(batches.batch(index).unique().tolist()) == {0.0, 1.0}
+
+
+def test_no_binarization_keeps_intensities_in_the_unit_interval():
+    batches = ImageBatches(load_dataset("digits"), "none")
+    x = batches.batch(torch.arange(100))
+    assert x.min() == 0 and x.max() == 1
+    assert len(x.unique()) == 17
+
+
+def test_an_epoch_of_batches_covers_every_training_image_once():
+    batches = ImageBatches(load_dataset("digits"), "none")
+    sizes = [len(b) for b in batches.train_batches(128)]
+    assert sizes == [128] * 11 + [1500 - 11 * 128]
+    seen = torch.cat(list(batches.train_batches(128)))
+    everything = batches.batch(torch.arange(1500))
+    key = torch.arange(64, dtype=torch.float32)
+    assert torch.equal((seen @ key).sort().values, (everything @ key).sort().values)
+
+
+@needs_mnist
+def test_mnist_loads_from_the_shared_folder_with_60000_and_10000_images():
+    dataset = load_dataset("mnist", str(mnist_dir()))
+    assert dataset.train_images.shape == (60_000, 784)
+    assert dataset.test_images.shape == (10_000, 784)
+    assert dataset.train_images.dtype == torch.uint8 and dataset.levels == 255
+    counts = torch.bincount(dataset.train_labels).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_a_missing_data_folder_is_an_error_naming_the_offline_dataset(tmp_path):
+    with pytest.raises(PyroVAEError, match="does not exist.*--dataset digits"):
+        load_dataset("mnist", str(tmp_path / "nowhere"))
+
+
+def test_a_failed_download_names_data_dir_and_digits(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(PyroVAEError) as error:
+        load_dataset("mnist", str(tmp_path))
+    message = str(error.value)
+    assert "could not be downloaded" in message
+    assert "--data-dir" in message and "--dataset digits" in message
+    assert "\n" not in message
+
+
+def test_data_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
+    from pyro_vae.data import default_data_dir
+
+    monkeypatch.setenv("PYRO_VAE_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    monkeypatch.delenv("PYRO_VAE_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "pyro-vae"

@@ -1,0 +1,81 @@
+"""The VAE is a Pyro model and guide whose ELBO Pyro computes."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+from pyro.poutine.util import site_is_subsample
+
+from pyro_vae import VAE, PyroVAEError
+
+
+@pytest.fixture
+def vae():
+    pyro.set_rng_seed(0)
+    return VAE((8, 8), latent_dim=5, hidden=(32,))
+
+
+@pytest.fixture
+def batch():
+    return torch.bernoulli(torch.full((7, 64), 0.3), generator=torch.Generator().manual_seed(1))
+
+
+def test_model_trace_has_latent_and_observed_sites_with_batch_shapes(vae, batch):
+    trace = poutine.trace(vae.model).get_trace(batch)
+    trace.compute_log_prob()
+    z, x = trace.nodes["z"], trace.nodes["x"]
+    assert not z["is_observed"] and x["is_observed"]
+    assert z["value"].shape == (7, 5)
+    assert x["value"].shape == (7, 64)
+    assert z["fn"].event_shape == (5,) and x["fn"].event_shape == (64,)
+    assert z["log_prob"].shape == x["log_prob"].shape == (7,)
+    assert [f.name for f in z["cond_indep_stack"]] == ["data"]
+
+
+def test_guide_trace_samples_z_reparameterized_per_image(vae, batch):
+    trace = poutine.trace(vae.guide).get_trace(batch)
+    sample_sites = [
+        n for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+    ]
+    assert sample_sites == ["z"]
+    assert trace.nodes["z"]["value"].shape == (7, 5)
+    assert trace.nodes["z"]["fn"].has_rsample
+
+
+def test_svi_loss_is_minus_the_elbo_of_the_traces(vae, batch):
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), loss=Trace_ELBO())
+    pyro.set_rng_seed(3)
+    loss = svi.evaluate_loss(batch)
+
+    pyro.set_rng_seed(3)
+    guide_trace = poutine.trace(vae.guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
+    elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+    assert loss == pytest.approx(-elbo.item(), rel=1e-5)
+
+
+def test_elbo_is_finite_and_below_zero_for_binary_images(vae, batch):
+    loss = Trace_ELBO().loss(vae.model, vae.guide, batch)
+    assert 0 < loss < float("inf")
+
+
+def test_components_accept_objects_as_well_as_specs(vae):
+    from pyro_vae.priors import LearnedNormalPrior
+
+    prior = LearnedNormalPrior(5)
+    model = VAE((8, 8), latent_dim=5, hidden=(32,), prior=prior)
+    assert model.prior is prior
+    assert any(p is prior.loc for p in model.parameters())
+
+
+def test_unknown_component_names_list_the_valid_choices():
+    with pytest.raises(PyroVAEError, match="unknown prior 'nope'; choose from: normal"):
+        VAE((8, 8), prior="nope")
+
+
+def test_generate_and_reconstruct_give_images_in_unit_interval(vae, batch):
+    for images in (vae.generate(4), vae.reconstruct(batch)):
+        assert images.shape[1] == 64
+        assert 0 <= images.min() and images.max() <= 1
