@@ -1,6 +1,6 @@
 """Train a VAE on the bundled digits from Python: the model is a Pyro program, SVI fits it.
 
-    python examples/train_vae.py
+python examples/train_vae.py
 """
 
 import pyro
