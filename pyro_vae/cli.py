@@ -14,7 +14,13 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_lib
+from .data import datasets
+from .elbos import estimators
 from .errors import PyroVAEError
+from .guides import guides
+from .likelihoods import likelihoods
+from .nets import architectures
+from .priors import priors
 
 PROG = "pyro-vae"
 
@@ -64,18 +70,18 @@ def _add_train(subparsers) -> None:
     )
     p.add_argument("config", nargs="?", help="a TOML config (e.g. a run's config.toml)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist, fashion-mnist or digits (default: digits)")
+    g.add_argument("--dataset", help=f"{datasets.choices()} (default: digits)")
     g.add_argument("--data-dir", help="folder with the data (default: $PYRO_VAE_DATA or cache)")
     g.add_argument("--binarize", help="dynamic (default), static or none")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="network spec (default: mlp)")
+    g.add_argument("--arch", help=f"{architectures.choices()} (default: mlp)")
     g.add_argument("--hidden", type=_int_list, help="hidden sizes, e.g. 400 or 400,200")
     g.add_argument("--latent-dim", type=int, help="size of z (default: 50)")
-    g.add_argument("--prior", help="prior spec (default: normal)")
-    g.add_argument("--likelihood", help="likelihood spec (default: bernoulli)")
-    g.add_argument("--guide", help="guide spec (default: normal)")
+    g.add_argument("--prior", help=f"{priors.choices()} (default: normal)")
+    g.add_argument("--likelihood", help=f"{likelihoods.choices()} (default: bernoulli)")
+    g.add_argument("--guide", help=f"{guides.choices()} (default: normal)")
     g = p.add_argument_group("inference")
-    g.add_argument("--elbo", help="estimator spec (default: trace)")
+    g.add_argument("--elbo", help=f"{estimators.choices()} (default: trace)")
     g.add_argument("--particles", type=int, help="particles per ELBO estimate (default: 1)")
     g.add_argument("--iw-samples", type=int, help="K for the final log p(x) (default: 100)")
     g = p.add_argument_group("training")

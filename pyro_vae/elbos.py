@@ -47,7 +47,7 @@ def _renyi_alpha(text: str) -> float:
     return alpha
 
 
-@estimators.register("renyi", Arg("ALPHA", _renyi_alpha), Arg("K"))
+@estimators.register("renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"))
 def renyi(ALPHA: float, K: int, num_particles: int = 1) -> ELBO:
     """Renyi alpha-divergence bound with K samples (Li & Turner 2016)."""
     return RenyiELBO(alpha=ALPHA, **_particles(K))

@@ -7,11 +7,14 @@ it needs per image.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
-from .registry import Registry
+from .registry import Arg, Registry
 
 guides = Registry("guide")
 
@@ -31,3 +34,52 @@ class DiagonalNormalGuide(nn.Module):
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         loc, log_scale = params.chunk(2, dim=-1)
         return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+
+@guides.register("lowrank", Arg("R"))
+class LowRankNormalGuide(nn.Module):
+    """q(z|x) = N(mu(x), W(x) W(x)^T + diag(d(x))) with a rank-R factor W.
+
+    ``LowRankMultivariateNormal``: correlations between latent dimensions at a cost
+    linear in the latent size.
+    """
+
+    def __init__(self, latent_dim: int, R: int):
+        super().__init__()
+        self.latent_dim, self.rank = latent_dim, R
+        self.param_dim = latent_dim * (2 + R)
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        L, R = self.latent_dim, self.rank
+        loc, factor, log_diag = params.split([L, L * R, L], dim=-1)
+        factor = factor.reshape(*factor.shape[:-1], L, R) / math.sqrt(R)
+        return dist.LowRankMultivariateNormal(loc, factor, log_diag.exp())
+
+
+@guides.register("iaf", Arg("N"))
+class IAFGuide(nn.Module):
+    """Inverse autoregressive flow posterior (Kingma et al. 2016).
+
+    z_0 ~ N(mu(x), diag sigma(x)^2), then N affine autoregressive steps, each
+    conditioned on a context vector h(x) from the encoder. Sampling and the density
+    of the sample cost one pass per step; the steps use the paper's sigmoid-gated
+    ("stable") update.
+    """
+
+    def __init__(self, latent_dim: int, N: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.context_dim = latent_dim
+        self.param_dim = 2 * latent_dim + self.context_dim
+        self.flows = nn.ModuleList(
+            T.conditional_affine_autoregressive(
+                latent_dim, self.context_dim, hidden_dims=[4 * latent_dim], stable=True
+            )
+            for _ in range(N)
+        )
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        L = self.latent_dim
+        loc, log_scale, context = params.split([L, L, self.context_dim], dim=-1)
+        base = dist.Normal(loc, log_scale.exp()).to_event(1)
+        return dist.TransformedDistribution(base, [f.condition(context) for f in self.flows])

@@ -7,13 +7,18 @@ the module, so the SVI step that trains the networks trains them too.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
-from .registry import Registry
+from .registry import Arg, Registry
 
 priors = Registry("prior")
+_SCALAR = torch.Size()
 
 
 @priors.register("normal")
@@ -40,3 +45,91 @@ class LearnedNormalPrior(nn.Module):
 
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
+
+
+@priors.register("mog", Arg("K"))
+class MixtureOfGaussiansPrior(nn.Module):
+    """p(z) = sum_k pi_k N(z | mu_k, diag(sigma_k^2)): K learned diagonal Gaussians.
+
+    ``MixtureSameFamily`` over a ``Categorical``; weights, means and scales are
+    trained with the networks (cf. Dilokthanakul et al. 2016, Tomczak & Welling 2018).
+    """
+
+    def __init__(self, latent_dim: int, K: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(K))
+        self.locs = nn.Parameter(torch.randn(K, latent_dim))
+        self.log_scales = nn.Parameter(torch.zeros(K, latent_dim))
+
+    def forward(self) -> dist.Distribution:
+        components = dist.Normal(self.locs, self.log_scales.exp()).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+class UniformMixture(dist.TorchDistribution):
+    """(1/K) sum_k component_k over vectors, for components of batch shape (..., K)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, components: dist.Distribution, validate_args=None):
+        if len(components.event_shape) != 1:
+            raise ValueError("UniformMixture mixes distributions over vectors (event dim 1)")
+        self.components = components
+        self.num_components = components.batch_shape[-1]
+        super().__init__(
+            components.batch_shape[:-1], components.event_shape, validate_args=validate_args
+        )
+
+    @property
+    def support(self):
+        return self.components.support
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        # Expanded, not broadcast: a flow's inverse (an IAF guide's) needs the full shape.
+        value = value.unsqueeze(-2).expand(*value.shape[:-1], self.num_components, value.shape[-1])
+        per_component = self.components.log_prob(value)
+        return per_component.logsumexp(-1) - math.log(self.num_components)
+
+    def sample(self, sample_shape: torch.Size = _SCALAR) -> torch.Tensor:
+        with torch.no_grad():
+            draws = self.components.sample(sample_shape)  # (..., K, L)
+            index = torch.randint(self.num_components, draws.shape[:-2], device=draws.device)
+            index = index[..., None, None].expand(*index.shape, 1, draws.shape[-1])
+            return draws.gather(-2, index).squeeze(-2)
+
+
+@priors.register("vamp", Arg("K"))
+class VampPrior(nn.Module):
+    """VampPrior (Tomczak & Welling 2018): p(z) = (1/K) sum_k q(z | u_k).
+
+    The mixture of the guide itself at K learned pseudo-inputs u_k, which live in
+    data space and are initialized as in the paper (N(0.05, 0.01), clipped to [0, 1]).
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, encode: Callable, K: int):
+        super().__init__()
+        self.encode = encode
+        self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(K, data_dim))
+
+    def forward(self) -> dist.Distribution:
+        return UniformMixture(self.encode(self.pseudo_inputs.clamp(0, 1)))
+
+
+@priors.register("flow", Arg("N"))
+class FlowPrior(nn.Module):
+    """N(0, I) pushed through N learned affine autoregressive flows (Papamakarios et al. 2017).
+
+    The flows are used in their masked-autoregressive direction, so the density of
+    a z proposed by the guide costs one network pass per flow; sampling (pictures
+    only) is the sequential direction.
+    """
+
+    def __init__(self, latent_dim: int, N: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+        self.flows = nn.ModuleList(T.affine_autoregressive(latent_dim) for _ in range(N))
+
+    def forward(self) -> dist.Distribution:
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        return dist.TransformedDistribution(base, [flow.inv for flow in self.flows])

@@ -8,6 +8,7 @@ same decorator a user would use, so a new one is selectable everywhere at once.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,13 @@ def nonnegative_float(text: str) -> float:
 
 @dataclass(frozen=True)
 class Arg:
-    """One positional spec argument: its name (shown in usage), parser and default."""
+    """One positional spec argument: its name (shown in usage), parser, default and an
+    example value (used to build every registered component in tests)."""
 
     name: str
     parse: Callable[[str], Any] = positive_int
     default: Any = _REQUIRED
+    example: str = "2"
 
     @property
     def required(self) -> bool:
@@ -64,13 +67,18 @@ class Entry:
         parts = [self.name] + [a.name if a.required else f"[{a.name}]" for a in self.args]
         return ":".join(parts)
 
+    @property
+    def example(self) -> str:
+        """A valid spec for this entry, e.g. ``mog:2``."""
+        return ":".join([self.name] + [a.example for a in self.args])
+
 
 class Registry:
     """Components of one kind (``"prior"``, ``"likelihood"``, ...) selected by spec strings.
 
     ``build(spec, **context)`` parses ``spec``, converts its arguments and calls the
-    registered factory with the context keywords (e.g. ``latent_dim``) and the
-    spec's arguments. Anything that is not a string is taken to be a ready-made
+    registered factory with the spec's arguments and the context keywords it asks
+    for (e.g. ``latent_dim``). Anything that is not a string is taken to be a ready-made
     component and returned unchanged.
     """
 
@@ -131,8 +139,15 @@ class Registry:
         return entry, values
 
     def build(self, spec: Any, **context: Any) -> Any:
-        """The component for ``spec`` (a spec string or a ready-made object)."""
+        """The component for ``spec`` (a spec string or a ready-made object).
+
+        The factory receives the context keywords it names in its signature (all of
+        them if it takes ``**kwargs``), so a simple component declares only what it uses.
+        """
         if not isinstance(spec, str):
             return spec
         entry, values = self.parse(spec)
+        params = inspect.signature(entry.factory).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            context = {k: v for k, v in context.items() if k in params}
         return entry.factory(**context, **values)

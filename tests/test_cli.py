@@ -61,7 +61,7 @@ def test_every_subcommand_has_help(command, capsys):
     [
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from: digits"),
         (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
-        (["train", "--prior", "mog:x"], "unknown prior 'mog:x'"),
+        (["train", "--prior", "mog:x"], "prior 'mog:x': K='x' must be a whole number >= 1"),
         (["train", "--epochs", "0"], "train.epochs must be >= 1"),
         (["train", "--set", "train.lr=fast"], "train.lr must be of type float"),
         (["train", "missing.toml"], "config file missing.toml does not exist"),

@@ -71,7 +71,10 @@ def test_components_accept_objects_as_well_as_specs(vae):
 
 
 def test_unknown_component_names_list_the_valid_choices():
-    with pytest.raises(PyroVAEError, match="unknown prior 'nope'; choose from: normal"):
+    with pytest.raises(
+        PyroVAEError,
+        match="unknown prior 'nope'; choose from: flow:N, mog:K, normal, normal-learned, vamp:K",
+    ):
         VAE((8, 8), prior="nope")
 
 
@@ -79,3 +82,16 @@ def test_generate_and_reconstruct_give_images_in_unit_interval(vae, batch):
     for images in (vae.generate(4), vae.reconstruct(batch)):
         assert images.shape[1] == 64
         assert 0 <= images.min() and images.max() <= 1
+
+
+def test_svi_trains_each_vae_own_parameters_when_several_share_a_process(batch):
+    """pyro.module keeps the first tensors registered under a name; ours must not."""
+    first, second = (VAE((8, 8), latent_dim=5, hidden=(32,)) for _ in range(2))
+    svis = [SVI(v.model, v.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO()) for v in (first, second)]
+    for _ in range(3):  # alternate: each step must move only its own model
+        for svi, vae, other in zip(svis, (first, second), (second, first), strict=True):
+            mine = [p.detach().clone() for p in vae.parameters()]
+            theirs = [p.detach().clone() for p in other.parameters()]
+            svi.step(batch)
+            assert all(not torch.equal(a, b) for a, b in zip(mine, vae.parameters(), strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(theirs, other.parameters(), strict=True))

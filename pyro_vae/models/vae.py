@@ -21,6 +21,9 @@ from ..likelihoods import likelihoods
 from ..nets import architectures
 from ..priors import priors
 
+PYRO_NAME = "vae"
+"""The name under which a VAE's parameters live in Pyro's param store."""
+
 
 class VAE(nn.Module):
     """Variational autoencoder (Kingma & Welling 2014) as a Pyro program.
@@ -47,7 +50,6 @@ class VAE(nn.Module):
         self.image_shape = tuple(image_shape)
         self.data_dim = math.prod(self.image_shape)
         self.latent_dim = latent_dim
-        self.prior = priors.build(prior, latent_dim=latent_dim)
         self.likelihood = likelihoods.build(likelihood, data_dim=self.data_dim)
         self.posterior = guides.build(guide, latent_dim=latent_dim)
         self.encoder, self.decoder = architectures.build(
@@ -58,24 +60,52 @@ class VAE(nn.Module):
             encoder_out=self.posterior.param_dim,
             decoder_out=self.likelihood.param_dim,
         )
+        # Built last: a prior may be defined through the encoder (the VampPrior).
+        self.prior = priors.build(
+            prior, latent_dim=latent_dim, data_dim=self.data_dim, encode=self.encode
+        )
+
+    def encode(self, x: torch.Tensor):
+        """q(z|x) for a batch of flattened images, as a distribution of batch shape (B,)."""
+        return self.posterior(self.encoder(x))
+
+    def register(self) -> None:
+        """``pyro.module("vae", self)``, making sure the param store holds *these* tensors.
+
+        ``pyro.module`` keeps whatever tensors were first registered under a name, so
+        a second VAE in the same process would silently have SVI step the first
+        one's parameters. Entries that are not ours are evicted first; the check is
+        one dict lookup per parameter.
+        """
+        store = pyro.get_param_store()
+        names = [(f"{PYRO_NAME}$$${n}", p) for n, p in self.named_parameters() if p.requires_grad]
+        if any(name not in store or store[name] is not param for name, param in names):
+            for name, _ in names:
+                if name in store:
+                    del store[name]
+        pyro.module(PYRO_NAME, self)
 
     def model(self, x: torch.Tensor) -> None:
         """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D)."""
-        pyro.module("vae", self)
+        self.register()
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
         """q(z|x), amortized by the encoder."""
-        pyro.module("vae", self)
+        self.register()
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(self.encoder(x)))
+            pyro.sample("z", self.encode(x))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x|z) at the posterior mean of z, shape (B, D)."""
-        z = self.posterior(self.encoder(x)).mean
+        """Mean of p(x|z) at a representative z of q(z|x) (its mean where known), shape (B, D)."""
+        q = self.encode(x)
+        try:
+            z = q.mean
+        except NotImplementedError:  # flows have no closed-form mean
+            z = q.sample()
         return self.likelihood(self.decoder(z)).mean
 
     @torch.no_grad()
