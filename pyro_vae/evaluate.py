@@ -51,8 +51,10 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 def _widest(vae: VAE) -> int:
+    """Values per (sample, image) in the largest intermediate tensor, roughly."""
     widths = [vae.data_dim, vae.posterior.param_dim, vae.likelihood.param_dim]
     widths += [p.shape[0] for p in vae.parameters() if p.dim() == 2]
+    widths += [getattr(c, "evaluation_width", 0) for c in (vae.prior, vae.posterior)]
     return max(widths)
 
 

@@ -66,6 +66,32 @@ class MixtureOfGaussiansPrior(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
+def _diagonal_normal(d: dist.Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(loc, scale) of shape (K, L) if ``d`` is K diagonal Normals over vectors, else None."""
+    if (
+        isinstance(d, torch.distributions.Independent)
+        and d.reinterpreted_batch_ndims == 1
+        and type(d.base_dist) in (dist.Normal, torch.distributions.Normal)
+        and d.base_dist.loc.dim() == 2
+    ):
+        return d.base_dist.loc, d.base_dist.scale
+    return None
+
+
+def _diagonal_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor):
+    """log N(z | loc_k, diag scale_k^2) for every z (..., L) and component k: (..., K).
+
+    sum_d (z_d - mu_kd)^2 / s_kd^2 expands into two matrix products, so K components
+    cost two GEMMs rather than a (..., K, L) tensor of elementwise work.
+    """
+    precision = scale.pow(-2)
+    quadratic = (
+        z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)
+    )
+    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+    return -0.5 * quadratic - log_norm
+
+
 class UniformMixture(dist.TorchDistribution):
     """(1/K) sum_k component_k over vectors, for components of batch shape (..., K)."""
 
@@ -85,9 +111,15 @@ class UniformMixture(dist.TorchDistribution):
         return self.components.support
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        # Expanded, not broadcast: a flow's inverse (an IAF guide's) needs the full shape.
-        value = value.unsqueeze(-2).expand(*value.shape[:-1], self.num_components, value.shape[-1])
-        per_component = self.components.log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        normal = _diagonal_normal(self.components)
+        if normal is not None:
+            per_component = _diagonal_normal_log_prob(value, *normal)
+        else:
+            # Expanded, not broadcast: a flow's inverse (an IAF guide's) needs the full shape.
+            value = value.unsqueeze(-2).expand(*value.shape[:-1], self.num_components, -1)
+            per_component = self.components.log_prob(value)
         return per_component.logsumexp(-1) - math.log(self.num_components)
 
     def sample(self, sample_shape: torch.Size = _SCALAR) -> torch.Tensor:
@@ -110,6 +142,7 @@ class VampPrior(nn.Module):
         super().__init__()
         self.encode = encode
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(K, data_dim))
+        self.evaluation_width = K * latent_dim  # log p(z) holds K values per latent entry
 
     def forward(self) -> dist.Distribution:
         return UniformMixture(self.encode(self.pseudo_inputs.clamp(0, 1)))

@@ -193,3 +193,17 @@ def test_cli_spec_flags_reach_the_model_and_its_config(tmp_path):
     vae = load_run(run)
     assert type(vae.prior).__name__ == "MixtureOfGaussiansPrior"
     assert type(vae.posterior).__name__ == "IAFGuide"
+
+
+def test_vamp_mixture_density_by_matrix_products_matches_the_elementwise_one():
+    import pyro.distributions as dist
+
+    from pyro_vae.priors import UniformMixture
+
+    pyro.set_rng_seed(0)
+    components = dist.Normal(torch.randn(40, 6), 0.05 + torch.rand(40, 6)).to_event(1)
+    z = 1.5 * torch.randn(3, 20, 6)
+    fast = UniformMixture(components).log_prob(z)
+    by_broadcasting = components.log_prob(z.unsqueeze(-2)).logsumexp(-1) - math.log(40)
+    assert fast.shape == (3, 20)
+    assert torch.allclose(fast, by_broadcasting, atol=1e-3, rtol=1e-5)
