@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ TRAIN_FLAGS = {
     "prior": ("model", "prior"),
     "likelihood": ("model", "likelihood"),
     "guide": ("model", "guide"),
+    "plugin": ("model", "plugins"),
     "elbo": ("inference", "elbo"),
     "particles": ("inference", "num_particles"),
     "iw_samples": ("inference", "iw_samples"),
@@ -80,6 +82,12 @@ def _add_train(subparsers) -> None:
     g.add_argument("--prior", help=f"{priors.choices()} (default: normal)")
     g.add_argument("--likelihood", help=f"{likelihoods.choices()} (default: bernoulli)")
     g.add_argument("--guide", help=f"{guides.choices()} (default: normal)")
+    g.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import a module or .py file that registers components (repeatable)",
+    )
     g = p.add_argument_group("inference")
     g.add_argument("--elbo", help=f"{estimators.choices()} (default: trace)")
     g.add_argument("--particles", type=int, help="particles per ELBO estimate (default: 1)")
@@ -145,6 +153,7 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
         if value is not None:
             tree.setdefault(section, {})[key] = value
     config = config_lib.from_dict(tree, config)
+    config.model.plugins = config_lib.resolve_plugin_paths(config.model.plugins, Path.cwd())
     return config_lib.validate(config_lib.apply_overrides(config, args.set))
 
 
@@ -191,4 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `pyro-vae evaluate R | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0

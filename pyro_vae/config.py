@@ -23,6 +23,7 @@ from .guides import guides
 from .likelihoods import likelihoods
 from .nets import architectures
 from .priors import priors
+from .registry import import_plugins
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,7 @@ class ModelConfig:
     prior: str = "normal"
     likelihood: str = "bernoulli"
     guide: str = "normal"
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,11 +92,13 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
         if isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
+            isinstance(v, item) and not isinstance(v, bool) for v in value
         ):
             return list(value)
-        raise PyroVAEError(f"{where} must be a list of whole numbers, got {value!r}")
+        what = "whole numbers" if item is int else "strings"
+        raise PyroVAEError(f"{where} must be a list of {what}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -138,7 +142,14 @@ def load(path: str | Path) -> Config:
         raise PyroVAEError(f"config file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PyroVAEError(f"cannot read config file {path}: {e}") from None
-    return from_dict(tree)
+    config = from_dict(tree)
+    config.model.plugins = resolve_plugin_paths(config.model.plugins, Path(path).parent)
+    return config
+
+
+def resolve_plugin_paths(plugins: list[str], base: Path) -> list[str]:
+    """``.py`` plugins as absolute paths (relative ones taken from ``base``); modules as given."""
+    return [str((base / p).resolve()) if p.endswith(".py") else p for p in plugins]
 
 
 def _toml_value(value: Any) -> str:
@@ -171,7 +182,8 @@ def _parse_text(where: str, kind: Any, text: str) -> Any:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     try:
         if typing.get_origin(kind) is list:
-            return [int(t) for t in text.replace(" ", "").strip("[]").split(",") if t]
+            (item,) = typing.get_args(kind)
+            return [item(t.strip()) for t in text.strip("[]").split(",") if t.strip()]
         if kind is int:
             return int(text)
         if kind is float:
@@ -208,6 +220,7 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 def validate(config: Config) -> Config:
     """Refuse out-of-range values and bad specs before any work starts."""
     d, m, i, t = config.data, config.model, config.inference, config.train
+    import_plugins(m.plugins)
     if d.dataset not in datasets:
         raise PyroVAEError(f"unknown dataset {d.dataset!r}; choose from: {datasets.choices()}")
     if d.binarize not in BINARIZATIONS:

@@ -8,9 +8,14 @@ same decorator a user would use, so a new one is selectable everywhere at once.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import PyroVAEError
@@ -151,3 +156,32 @@ class Registry:
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             context = {k: v for k, v in context.items() if k in params}
         return entry.factory(**context, **values)
+
+
+def import_plugins(plugins: list[str]) -> None:
+    """Import modules (dotted names or ``.py`` paths) that register components.
+
+    A run's config lists them (``[model] plugins = ["my_prior.py"]``, ``--plugin``),
+    so training, evaluation and ``load_run`` see the same registrations.
+    """
+    for plugin in plugins:
+        try:
+            if plugin.endswith(".py"):
+                path = Path(plugin).resolve()
+                name = "pyro_vae_plugin_" + re.sub(r"\W", "_", str(path))
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError("not a Python file")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                importlib.import_module(plugin)
+        except (ImportError, OSError, SyntaxError) as e:
+            raise PyroVAEError(f"cannot import plugin {plugin!r}: {e}") from None

@@ -25,6 +25,7 @@ from . import config as config_lib
 from .config import Config
 from .errors import PyroVAEError
 from .models import VAE
+from .registry import import_plugins
 
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -156,6 +157,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
     """The VAE a config describes, for images of ``image_shape``."""
     m = config.model
+    import_plugins(m.plugins)
     return VAE(
         image_shape,
         latent_dim=m.latent_dim,
