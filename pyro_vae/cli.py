@@ -57,6 +57,7 @@ TRAIN_FLAGS = {
     "particles": ("inference", "num_particles"),
     "iw_samples": ("inference", "iw_samples"),
     "epochs": ("train", "epochs"),
+    "seconds": ("train", "seconds"),
     "batch_size": ("train", "batch_size"),
     "lr": ("train", "lr"),
     "seed": ("train", "seed"),
@@ -64,12 +65,8 @@ TRAIN_FLAGS = {
 }
 
 
-def _add_train(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a VAE and write a run directory",
-        description="Train a VAE with SVI. Precedence: defaults < CONFIG.toml < flags < --set.",
-    )
+def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
+    """The flags that set config fields, shared by train and compare."""
     p.add_argument("config", nargs="?", help="a TOML config (e.g. a run's config.toml)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=f"{datasets.choices()} (default: digits)")
@@ -89,11 +86,12 @@ def _add_train(subparsers) -> None:
         help="import a module or .py file that registers components (repeatable)",
     )
     g = p.add_argument_group("inference")
-    g.add_argument("--elbo", help=f"{estimators.choices()} (default: trace)")
+    g.add_argument("--elbo", action="append" if "repeat" in elbo_help else None, help=elbo_help)
     g.add_argument("--particles", type=int, help="particles per ELBO estimate (default: 1)")
     g.add_argument("--iw-samples", type=int, help="K for the final log p(x) (default: 100)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="passes over the training set (default: 10)")
+    g.add_argument("--seconds", type=float, help="stop after this much training time (s)")
     g.add_argument("--batch-size", type=int, help="images per SVI step (default: 128)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
     g.add_argument("--seed", type=int, help="random seed (default: 0)")
@@ -105,9 +103,33 @@ def _add_train(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any config field, e.g. --set model.latent_dim=20",
     )
-    p.add_argument("--out", help="run directory (default: runs/DATASET-TIME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a VAE and write a run directory",
+        description="Train a VAE with SVI. Precedence: defaults < CONFIG.toml < flags < --set.",
+    )
+    _add_config_flags(p, f"{estimators.choices()} (default: trace)")
+    p.add_argument("--out", help="run directory (default: runs/DATASET-TIME)")
+
+
+def _add_compare(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="train one model per ELBO estimator and compare them",
+        description=(
+            "Train the same model with each --elbo (same data, seed and epochs, or the same "
+            "--seconds of training each), then write compare.csv, compare.md and compare.png: "
+            "test ELBO, log p(x), each estimator's own bound, speed and gradient SNR."
+        ),
+    )
+    _add_config_flags(p, f"an estimator to compare (repeat): {estimators.choices()}")
+    p.add_argument("--snr-repeats", type=int, default=100, help="gradient draws for SNR")
+    p.add_argument("--out", required=True, help="folder for the runs and the tables")
 
 
 def _add_evaluate(subparsers) -> None:
@@ -139,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(subparsers)
+    _add_compare(subparsers)
     _add_evaluate(subparsers)
     _add_sample(subparsers)
     return parser
@@ -150,7 +173,7 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
     tree: dict[str, dict] = {}
     for flag, (section, key) in TRAIN_FLAGS.items():
         value = getattr(args, flag)
-        if value is not None:
+        if value is not None and not (flag == "elbo" and isinstance(value, list)):
             tree.setdefault(section, {})[key] = value
     config = config_lib.from_dict(tree, config)
     config.model.plugins = config_lib.resolve_plugin_paths(config.model.plugins, Path.cwd())
@@ -161,6 +184,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     train(train_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    config = train_config(args)
+    if args.seconds is not None and args.epochs is None:
+        config.train.epochs = 1_000_000  # the time budget ends each run
+    compare(
+        config,
+        args.elbo or [],
+        args.out,
+        snr_repeats=args.snr_repeats,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print((Path(args.out) / "compare.md").read_text(), end="")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -187,7 +227,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(out)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+COMMANDS = {
+    "train": cmd_train,
+    "compare": cmd_compare,
+    "evaluate": cmd_evaluate,
+    "sample": cmd_sample,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    seconds: float = 0.0  # stop after this much training time; 0: no limit
 
 
 @dataclass
@@ -236,6 +237,7 @@ def validate(config: Config) -> Config:
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
         (t.seed >= 0, "train.seed must be >= 0"),
+        (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

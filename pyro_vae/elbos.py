@@ -1,13 +1,35 @@
 """ELBO estimators by name: spec strings -> ``pyro.infer`` ELBO objects.
 
-Each estimator is Pyro's own; this module only maps names and arguments onto
-them so that runs can be compared on equal footing. ``num_particles`` comes
-from the config; estimators whose spec carries K use that instead.
+Most estimators are Pyro's own, mapped onto names and arguments so that runs
+compare on equal footing; ``num_particles`` comes from the config, estimators
+whose spec carries K use K. Two are ours, both written as Pyro ELBOs over
+poutine traces so they work for any model and guide: the score-function
+estimator (Pyro's ``TraceGraph_ELBO`` with the guide's latents made
+non-reparameterized and a learned baseline) and DReG (Tucker et al. 2019).
 """
 
 from __future__ import annotations
 
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+import math
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+    TraceTailAdaptive_ELBO,
+)
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from .registry import Arg, Registry, nonnegative_float
 
@@ -34,8 +56,20 @@ def meanfield(num_particles: int = 1) -> ELBO:
     return TraceMeanField_ELBO(**_particles(num_particles))
 
 
+@estimators.register("jit-trace")
+def jit_trace(num_particles: int = 1) -> ELBO:
+    """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (one trace per batch shape)."""
+    return JitTrace_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
+
+
+@estimators.register("jit-meanfield")
+def jit_meanfield(num_particles: int = 1) -> ELBO:
+    """JitTraceMeanField_ELBO: TraceMeanField_ELBO compiled with the PyTorch JIT."""
+    return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
+
+
 @estimators.register("iwae", Arg("K"))
-def iwae(K: int, num_particles: int = 1) -> ELBO:
+def iwae(K: int) -> ELBO:
     """Importance-weighted bound with K samples (Burda et al. 2016): Renyi alpha = 0."""
     return RenyiELBO(alpha=0.0, **_particles(K))
 
@@ -48,6 +82,209 @@ def _renyi_alpha(text: str) -> float:
 
 
 @estimators.register("renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"))
-def renyi(ALPHA: float, K: int, num_particles: int = 1) -> ELBO:
+def renyi(ALPHA: float, K: int) -> ELBO:
     """Renyi alpha-divergence bound with K samples (Li & Turner 2016)."""
     return RenyiELBO(alpha=ALPHA, **_particles(K))
+
+
+def _tail_particles(text: str) -> int:
+    k = int(text) if text.isdigit() else 0
+    if k < 2:
+        raise ValueError("must be a whole number >= 2 (the tail weights rank K samples)")
+    return k
+
+
+@estimators.register("tail", Arg("K", _tail_particles))
+def tail(K: int) -> ELBO:
+    """TraceTailAdaptive_ELBO with K samples (Wang et al. 2018). Its loss is a surrogate,
+    not a bound; gradients only."""
+    return TraceTailAdaptive_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1)
+
+
+class _NotReparameterized(dist.TorchDistribution):
+    """``base`` with ``has_rsample = False``: Pyro then uses the score function for it."""
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, base: dist.Distribution):
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value)
+
+
+class _ScoreFunctionSites(Messenger):
+    """Makes every latent site of the guide non-reparameterized, with an nn baseline."""
+
+    def __init__(self, baseline: nn.Module, baseline_input: torch.Tensor):
+        super().__init__()
+        self.baseline, self.baseline_input = baseline, baseline_input
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        msg["fn"] = _NotReparameterized(msg["fn"])
+        msg["infer"] = {
+            **msg["infer"],
+            "baseline": {"nn_baseline": self.baseline, "nn_baseline_input": self.baseline_input},
+        }
+
+
+class ScoreFunctionELBO(TraceGraph_ELBO):
+    """The ELBO with score-function (REINFORCE) gradients for the guide's latents.
+
+    Williams 1992; Mnih & Gregor 2014 for the learned, data-dependent baseline
+    b(x), trained by Pyro's ``TraceGraph_ELBO`` to regress the downstream cost.
+    Unbiased, model-agnostic and much noisier than the reparameterized gradient.
+    """
+
+    def __init__(self, data_dim: int, hidden: int = 100, num_particles: int = 1):
+        super().__init__(num_particles=num_particles, max_plate_nesting=_PLATES)
+        self.baseline = nn.Sequential(
+            nn.Linear(data_dim, hidden), nn.Softplus(), nn.Linear(hidden, 1), nn.Flatten(0)
+        )
+
+    def _score_function_guide(self, guide: Callable) -> Callable:
+        def wrapped(x, *args, **kwargs):
+            pyro.module("scorefn_baseline", self.baseline)
+            with _ScoreFunctionSites(self.baseline, x):
+                return guide(x, *args, **kwargs)
+
+        return wrapped
+
+    def loss(self, model, guide, *args, **kwargs):
+        return super().loss(model, self._score_function_guide(guide), *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return super().loss_and_grads(model, self._score_function_guide(guide), *args, **kwargs)
+
+
+@estimators.register("scorefn")
+def scorefn(data_dim: int, num_particles: int = 1) -> ELBO:
+    """Score-function ELBO gradients with a learned baseline (TraceGraph_ELBO)."""
+    return ScoreFunctionELBO(data_dim, num_particles=num_particles)
+
+
+def _is_latent(site: dict) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def log_density(trace: poutine.Trace) -> torch.Tensor:
+    """Sum of the log-densities of a trace's sample sites, broadcast over batch dims."""
+    total = torch.zeros(())
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            total = total + site["fn"].log_prob(site["value"])
+    return total
+
+
+def vectorized_traces(model, guide, num_samples: int, plate_dim: int, *args, leaves=False):
+    """Guide and replayed model traces for ``num_samples`` draws per datum, vectorized.
+
+    The draws sit in a plate at ``plate_dim`` left of the model's own plates. With
+    ``leaves``, densities see detached leaf copies of the latents, and the
+    attached samples are returned as well (name -> tensor).
+    """
+    attached = {}
+    with pyro.plate("importance_samples", num_samples, dim=plate_dim):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        if leaves:
+            for name, site in guide_trace.nodes.items():
+                if _is_latent(site):
+                    attached[name] = site["value"]
+                    site["value"] = site["value"].detach().requires_grad_()
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    return model_trace, guide_trace, attached
+
+
+class DReG_ELBO(ELBO):
+    """The IWAE bound with doubly-reparameterized gradients (Tucker et al. 2019).
+
+    Bound: log (1/K) sum_k w_k, w_k = p(x, z_k) / q(z_k|x), as ``iwae:K``. Gradients:
+    model parameters get sum_k w~_k d log p(x, z_k) (z held fixed), and the guide's
+    parameters only the path through the samples, sum_k w~_k^2 (d log w_k / d z_k)(d z_k/d phi),
+    with w~ the normalized weights. Dropping the score term of log q keeps the guide's
+    gradient signal-to-noise ratio from decaying as K grows, as it does for IWAE
+    (Rainforth et al. 2018).
+    """
+
+    def __init__(self, num_particles: int):
+        super().__init__(num_particles=num_particles, max_plate_nesting=_PLATES)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace, _ = vectorized_traces(
+            model, guide, self.num_particles, -1 - self.max_plate_nesting, *args
+        )
+        return model_trace, guide_trace
+
+    def _bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        return (log_w.logsumexp(0) - math.log(self.num_particles)).sum()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """-bound in value, with DReG gradients."""
+        model_trace, guide_trace, attached = vectorized_traces(
+            model, guide, self.num_particles, -1 - self.max_plate_nesting, *args, leaves=True
+        )
+        log_p = log_density(model_trace)
+        log_w = log_p - log_density(guide_trace)
+        weights = torch.softmax(log_w.detach(), dim=0)
+        # Model parameters: sum_k w~_k log p(x, z_k), the samples held fixed.
+        surrogate = (weights * log_p).sum()
+        # Guide parameters: only the path through the samples, reweighted by w~^2.
+        leaves = [guide_trace.nodes[name]["value"] for name in attached]
+        grads = torch.autograd.grad(
+            (weights.pow(2) * log_w).sum(), leaves, retain_graph=True, allow_unused=True
+        )
+        for z, g in zip(attached.values(), grads, strict=True):
+            if g is not None:
+                surrogate = surrogate + (g.detach() * z).sum()
+        return -(surrogate - surrogate.detach() + self._bound(log_w).detach())
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            model_trace, guide_trace, _ = vectorized_traces(
+                model, guide, self.num_particles, -1 - self.max_plate_nesting, *args
+            )
+            return -self._bound(log_density(model_trace) - log_density(guide_trace)).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+@estimators.register("dreg", Arg("K"))
+def dreg(K: int) -> ELBO:
+    """IWAE bound with doubly-reparameterized gradients (Tucker et al. 2019)."""
+    return DReG_ELBO(K)
+
+
+def has_bound(spec: str) -> bool:
+    """Whether the estimator's loss is a bound (``tail``'s is not: it reports inf)."""
+    return estimators.parse(spec)[0].name != "tail"
+
+
+def bound_estimator(spec: str, data_dim: int) -> ELBO | None:
+    """The estimator whose loss is the bound ``spec`` optimizes, for held-out evaluation.
+
+    JIT variants evaluate as their plain twins (no recompiling per test batch), DReG
+    as IWAE, the score-function estimator as the ELBO; ``tail`` has no bound (None).
+    """
+    if not has_bound(spec):
+        return None
+    entry, values = estimators.parse(spec)
+    name = entry.name.removeprefix("jit-")
+    if name == "dreg":
+        return iwae(values["K"])
+    if name == "scorefn":
+        return trace()
+    return estimators.build(":".join([name, *map(str, values.values())]), data_dim=data_dim)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import site_is_subsample
 
+from .elbos import log_density, vectorized_traces
 from .errors import PyroVAEError
 from .models import VAE
 
@@ -38,16 +37,9 @@ def elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> float:
 @torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
     """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws per image, shape (K, B)."""
-    with pyro.plate("particles", num_samples, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    total = 0.0
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                total = total + sign * site["log_prob"].expand(num_samples, len(x))
-    return total
+    model_trace, guide_trace, _ = vectorized_traces(vae.model, vae.guide, num_samples, -2, x)
+    log_w = log_density(model_trace) - log_density(guide_trace)
+    return log_w.expand(num_samples, len(x))
 
 
 def _widest(vae: VAE) -> int:

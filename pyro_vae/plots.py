@@ -21,7 +21,8 @@ TILE_PIXELS = 56
 """Each image is drawn about this many pixels wide, whatever its resolution."""
 
 
-def _save(fig: Figure, path: str | Path) -> None:
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Write ``fig`` as a PNG, atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write(path, buffer.getvalue())
@@ -45,19 +46,27 @@ def image_grid(
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def elbo_curve(metrics: list[dict], path: str | Path) -> None:
     """Save train and test ELBO (nats/image) against epoch."""
-    epochs = [m["epoch"] for m in metrics]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(epochs, [m["train_elbo"] for m in metrics], "o-", label="train ELBO")
-    ax.plot(epochs, [m["test_elbo"] for m in metrics], "s-", label="test ELBO")
+    trained = [m for m in metrics if m["train_elbo"] is not None]
+    if trained:  # an estimator without a bound (tail) records none
+        ax.plot(
+            [m["epoch"] for m in trained],
+            [m["train_elbo"] for m in trained],
+            "o-",
+            label="train bound",
+        )
+    ax.plot(
+        [m["epoch"] for m in metrics], [m["test_elbo"] for m in metrics], "s-", label="test ELBO"
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats / image)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.set_layout_engine("tight")
-    _save(fig, path)
+    save_figure(fig, path)

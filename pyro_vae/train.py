@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import evaluate, plots
 from .config import Config, dumps, to_dict, validate
 from .data import ImageBatches, load_dataset
-from .elbos import estimators
+from .elbos import estimators, has_bound
 from .errors import PyroVAEError
 from .runs import (
     CONFIG_FILE,
@@ -79,16 +79,23 @@ def train(
 
     pyro.clear_param_store()
     optimizer = pyro.optim.Adam({"lr": t.lr})
-    elbo = estimators.build(config.inference.elbo, num_particles=config.inference.num_particles)
+    elbo = estimators.build(
+        config.inference.elbo,
+        num_particles=config.inference.num_particles,
+        data_dim=vae.data_dim,
+    )
     svi = SVI(vae.model, vae.guide, optimizer, loss=elbo)
+    reports_bound = has_bound(config.inference.elbo)
 
     metrics: list[dict[str, Any]] = []
     steps_per_epoch = math.ceil(data.num_train / t.batch_size)
     started = time.perf_counter()
+    training_seconds = 0.0  # excludes evaluation, for --seconds budgets
+    out_of_time = False
     for epoch in range(1, t.epochs + 1):
         vae.train()
         epoch_start = time.perf_counter()
-        total_loss = 0.0
+        total_loss, images = 0.0, 0
         batches = tqdm(
             data.train_batches(t.batch_size),
             total=steps_per_epoch,
@@ -98,26 +105,32 @@ def train(
         )
         for step, x in enumerate(batches, 1):
             loss = svi.step(x)
-            if not math.isfinite(loss):
+            if reports_bound and not math.isfinite(loss):
                 raise PyroVAEError(
                     f"loss became {loss} at epoch {epoch} step {step}; the checkpoint of "
                     f"epoch {epoch - 1} in {run_dir} is kept"
                 )
             total_loss += loss
+            images += len(x)
+            if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
+                out_of_time = True
+                break
         seconds = time.perf_counter() - epoch_start
+        training_seconds += seconds
 
         vae.eval()
         record = {
             "epoch": epoch,
-            "train_elbo": -total_loss / data.num_train,
+            "train_elbo": -total_loss / images if reports_bound else None,
             "test_elbo": evaluate.elbo(vae, data.test_images),
             "seconds": seconds,
-            "images_per_second": data.num_train / seconds,
+            "images_per_second": images / seconds,
         }
         metrics.append(record)
         append_metrics(run_dir, record)
+        train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
         log(
-            f"epoch {epoch:3d}  train ELBO {record['train_elbo']:9.2f}  "
+            f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
             f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
         )
         save_checkpoint(
@@ -131,12 +144,15 @@ def train(
                 "rng": rng_state(),
             },
         )
+        if out_of_time:
+            log(f"stopping: the {t.seconds:g} s training budget is spent")
+            break
 
     k = config.inference.iw_samples
     eval_start = time.perf_counter()
     summary = {
         "dataset": dataset.name,
-        "epochs": t.epochs,
+        "epochs": len(metrics),
         "test_elbo": metrics[-1]["test_elbo"],
         "log_px": evaluate.log_likelihood(vae, data.test_images, k),
         "iw_samples": k,

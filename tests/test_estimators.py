@@ -1,0 +1,135 @@
+"""ELBO estimators: bounds, gradients and the side-by-side comparison."""
+
+import csv
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO
+from pyro.optim import Adam
+
+from pyro_vae import VAE, ImageBatches, estimators, load_dataset, load_run
+from pyro_vae.compare import compare, gradient_snr, parameter_groups
+from pyro_vae.elbos import DReG_ELBO, has_bound
+
+from .helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(trained_run):
+    x = ImageBatches(load_dataset("digits")).test_images[:64]
+    return load_run(trained_run), x
+
+
+def _repeat(fn, n):
+    values = torch.tensor([fn() for _ in range(n)], dtype=torch.float64)
+    return values.mean().item(), values.std().item() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("entry", estimators.entries(), ids=lambda e: e.example)
+def test_every_estimator_trains_a_vae_on_digits(entry):
+    data = ImageBatches(load_dataset("digits"))
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(32,))
+    x = data.test_images[:200]
+    before = -Trace_ELBO().loss(vae.model, vae.guide, x) / len(x)
+    elbo = estimators.build(entry.example, num_particles=1, data_dim=64)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=elbo)
+    for step in range(40):
+        loss = svi.step(data.batch(torch.arange(step * 32, step * 32 + 32)))
+        assert math.isfinite(loss) or not has_bound(entry.example)
+    pyro.set_rng_seed(1)
+    after, _ = _repeat(lambda: -Trace_ELBO().loss(vae.model, vae.guide, x) / len(x), 5)
+    assert after > before + 3, (before, after)
+
+
+def test_iwae_bound_tightens_with_k_and_iwae_1_is_the_elbo(model_and_batch):
+    vae, x = model_and_batch
+    pyro.set_rng_seed(0)
+
+    def bound(elbo):
+        return _repeat(lambda: -elbo.loss(vae.model, vae.guide, x) / len(x), 20)
+
+    elbo, elbo_se = bound(Trace_ELBO())
+    (l1, se1), (l5, se5), (l50, se50) = (bound(estimators.build(f"iwae:{k}")) for k in (1, 5, 50))
+    assert abs(l1 - elbo) < 4 * math.hypot(se1, elbo_se)
+    assert l5 - l1 > 3 * math.hypot(se1, se5)
+    assert l50 - l5 > 3 * math.hypot(se5, se50)
+
+
+def test_dreg_and_iwae_report_the_same_bound(model_and_batch):
+    vae, x = model_and_batch
+    dreg, iwae = DReG_ELBO(8), estimators.build("iwae:8")
+    assert isinstance(iwae, RenyiELBO) and iwae.alpha == 0
+    pyro.set_rng_seed(3)
+    a = dreg.loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)
+    b = iwae.loss(vae.model, vae.guide, x)
+    assert a == pytest.approx(b, rel=1e-5)
+    pyro.set_rng_seed(3)
+    assert dreg.differentiable_loss(vae.model, vae.guide, x).item() == pytest.approx(a, rel=1e-5)
+
+
+def _gradient_draws(vae, elbo, x, n):
+    encoder = parameter_groups(vae)["encoder"]
+    draws = []
+    for _ in range(n):
+        for p in vae.parameters():
+            p.grad = None
+        elbo.loss_and_grads(vae.model, vae.guide, x)
+        draws.append(torch.cat([p.grad.flatten() for p in encoder]))
+    return torch.stack(draws).double()
+
+
+def test_score_function_gradients_are_unbiased_and_noisier():
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=2, hidden=(8,))
+    x = ImageBatches(load_dataset("digits")).test_images[:10]
+    n = 1500
+    reparam = _gradient_draws(vae, Trace_ELBO(), x, n)
+    score = _gradient_draws(vae, estimators.build("scorefn", data_dim=64), x, n)
+    varies = reparam.var(0) > 0  # weights of always-blank pixels get exactly zero gradient
+    score, reparam = score[:, varies], reparam[:, varies]
+    z = (score.mean(0) - reparam.mean(0)) / (score.var(0) / n + reparam.var(0) / n).sqrt()
+    assert (z.abs() < 4).float().mean() > 0.98, "means agree within Monte Carlo error"
+    assert z.abs().mean() < 1.3
+    assert score.var(0).sum() > 5 * reparam.var(0).sum()
+
+
+def test_dreg_encoder_snr_does_not_fall_with_k_while_iwae_does(model_and_batch):
+    vae, x = model_and_batch
+    snr = {}
+    for name in ("iwae", "dreg"):
+        for k in (1, 16):
+            pyro.set_rng_seed(0)
+            elbo = estimators.build(f"{name}:{k}")
+            snr[name, k] = gradient_snr(vae, elbo, x, repeats=60)["encoder"]
+    assert snr["iwae", 16] < 0.75 * snr["iwae", 1], snr
+    assert snr["dreg", 16] > 0.95 * snr["dreg", 1], snr
+
+
+def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
+    config = small_config(train={"epochs": 2})
+    rows = compare(
+        config, ["trace", "iwae:3", "scorefn"], tmp_path / "cmp", snr_repeats=5, log=lambda _: None
+    )
+    assert [r["estimator"] for r in rows] == ["trace", "iwae:3", "scorefn"]
+    for name in ("compare.csv", "compare.md", "compare.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["estimator"] for r in table] == ["trace", "iwae:3", "scorefn"]
+    for r in table:
+        assert float(r["log_px"]) >= float(r["test_elbo"]) - 0.5
+        assert float(r["snr_encoder"]) > 0 and float(r["snr_decoder"]) > 0
+    assert float(table[1]["own_bound"]) > float(table[0]["own_bound"]) - 0.5  # IWAE-3 >= ELBO
+    assert "| `iwae:3` |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_a_seconds_budget_stops_training_early(tmp_path):
+    from pyro_vae import train
+
+    config = small_config(train={"epochs": 10_000, "seconds": 1.0})
+    summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert 1 <= summary["epochs"] < 10_000
