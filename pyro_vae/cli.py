@@ -1,8 +1,9 @@
-"""``pyro-vae``: train, evaluate and sample from the command line.
+"""``pyro-vae``: train, compare, evaluate and sample from the command line.
 
 The CLI only parses arguments into a :class:`~pyro_vae.config.Config` and calls
 the library. Any :class:`~pyro_vae.errors.PyroVAEError` (and any usage error)
-is printed as one line on stderr with exit code 2, never a traceback.
+is printed as one line on stderr with exit code 2, never a traceback; a run
+whose loss or gradients became NaN or infinite exits with code 3.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .guides import guides
 from .likelihoods import likelihoods
 from .nets import architectures
 from .priors import priors
+from .train import TrainingDiverged
 
 PROG = "pyro-vae"
 
@@ -62,6 +64,8 @@ TRAIN_FLAGS = {
     "lr": ("train", "lr"),
     "seed": ("train", "seed"),
     "device": ("train", "device"),
+    "checkpoint_every": ("train", "checkpoint_every"),
+    "clip_grad": ("train", "clip_grad"),
 }
 
 
@@ -96,6 +100,8 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
     g.add_argument("--seed", type=int, help="random seed (default: 0)")
     g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm at this value")
     g.add_argument(
         "--set",
         action="append",
@@ -115,6 +121,11 @@ def _add_train(subparsers) -> None:
     )
     _add_config_flags(p, f"{estimators.choices()} (default: trace)")
     p.add_argument("--out", help="run directory (default: runs/DATASET-TIME)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint (only --epochs may change)",
+    )
 
 
 def _add_compare(subparsers) -> None:
@@ -181,8 +192,20 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
+    from .train import resume, train
 
+    if args.resume:
+        changed = [f"--{f.replace('_', '-')}" for f in TRAIN_FLAGS if f != "epochs"]
+        changed = [f for f in changed if getattr(args, f[2:].replace("-", "_")) is not None]
+        changed += ["CONFIG"] * bool(args.config) + ["--set"] * bool(args.set)
+        changed += ["--out"] * bool(args.out) + ["--overwrite"] * args.overwrite
+        if changed:
+            raise PyroVAEError(
+                f"--resume continues a run as it was configured; drop {', '.join(changed)} "
+                f"(only --epochs may change)"
+            )
+        resume(args.resume, epochs=args.epochs, progress=not args.quiet)
+        return
     train(train_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -239,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except TrainingDiverged as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except PyroVAEError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2

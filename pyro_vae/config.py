@@ -66,6 +66,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     seconds: float = 0.0  # stop after this much training time; 0: no limit
+    checkpoint_every: int = 1
+    clip_grad: float = 0.0  # clip the gradient norm at this value; 0: no clipping
 
 
 @dataclass
@@ -238,6 +240,8 @@ def validate(config: Config) -> Config:
         (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
         (t.seed >= 0, "train.seed must be >= 0"),
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (math.isfinite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -153,6 +153,13 @@ class ScoreFunctionELBO(TraceGraph_ELBO):
             nn.Linear(data_dim, hidden), nn.Softplus(), nn.Linear(hidden, 1), nn.Flatten(0)
         )
 
+    def state_dict(self) -> dict:
+        """The baseline's weights, for checkpoints."""
+        return self.baseline.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline.load_state_dict(state)
+
     def _score_function_guide(self, guide: Callable) -> Callable:
         def wrapped(x, *args, **kwargs):
             pyro.module("scorefn_baseline", self.baseline)

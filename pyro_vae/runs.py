@@ -76,10 +76,17 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epochs of metrics.jsonl; a line torn by a crash mid-append is left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:

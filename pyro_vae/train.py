@@ -8,9 +8,11 @@ pictures.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +24,25 @@ from tqdm.auto import tqdm
 
 from . import evaluate, plots
 from .config import Config, dumps, to_dict, validate
+from .config import load as load_config
 from .data import ImageBatches, load_dataset
 from .elbos import estimators, has_bound
 from .errors import PyroVAEError
+from .models import VAE
 from .runs import (
+    CHECKPOINT_FILE,
     CONFIG_FILE,
+    METRICS_FILE,
     SUMMARY_FILE,
     append_metrics,
     atomic_write,
     build_vae,
+    load_checkpoint,
     prepare_run_dir,
+    read_metrics,
     rng_state,
     save_checkpoint,
+    set_rng_state,
     write_json,
 )
 
@@ -51,6 +60,27 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+@dataclass
+class _Setup:
+    """Everything a run needs before its first step: device, data and the model."""
+
+    device: torch.device
+    data: ImageBatches
+    vae: VAE
+
+
+def _setup(config: Config) -> _Setup:
+    d, t = config.data, config.train
+    device = resolve_device(t.device)
+    dataset = load_dataset(d.dataset, d.data_dir)
+    data = ImageBatches(dataset, d.binarize, device)
+    pyro.set_rng_seed(t.seed)
+    vae = build_vae(config, dataset.image_shape).to(device)
+    for images in data.all_images():
+        vae.likelihood.check_support(images)
+    return _Setup(device, data, vae)
+
+
 def train(
     config: Config,
     out: str | Path | None = None,
@@ -64,94 +94,190 @@ def train(
     Returns the summary (also written to ``summary.json``).
     """
     validate(config)
-    d, t = config.data, config.train
-    device = resolve_device(t.device)
-    dataset = load_dataset(d.dataset, d.data_dir)
-    data = ImageBatches(dataset, d.binarize, device)
-    pyro.set_rng_seed(t.seed)
-    vae = build_vae(config, dataset.image_shape).to(device)
-    for images in data.all_images():
-        vae.likelihood.check_support(images)
-
+    setup = _setup(config)
     run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
     atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
-    log(f"training on {dataset.name} ({data.num_train} images, {device}) -> {run_dir}")
+    return _fit(config, run_dir, setup, progress=progress, log=log)
 
+
+def resume(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Continue a run from its last checkpoint (from the start if it has none yet).
+
+    Model, optimizer, estimator and RNG states come back as they were, so on CPU
+    the run ends with the same parameters as one never interrupted. ``epochs``
+    extends the run.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise PyroVAEError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    config = load_config(run_dir / CONFIG_FILE)
+    checkpoint = None
+    if (run_dir / CHECKPOINT_FILE).exists():
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        if _without_epochs(checkpoint["config"]) != _without_epochs(to_dict(config)):
+            raise PyroVAEError(
+                f"the checkpoint in {run_dir} is from another config than its {CONFIG_FILE}"
+            )
+    if epochs is not None:
+        done = checkpoint["epoch"] if checkpoint else 0
+        if epochs < done:
+            raise PyroVAEError(f"--epochs {epochs} is fewer than the {done} already trained")
+        config.train.epochs = epochs
+    validate(config)
+    setup = _setup(config)
+    for torn in run_dir.glob(".*.tmp"):  # an atomic write a crash interrupted
+        torn.unlink()
+    atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
+    done = checkpoint["epoch"] if checkpoint else 0
+    metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= done]
+    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    if checkpoint:
+        setup.vae.load_state_dict(checkpoint["model"])
+        log(f"resuming {run_dir} after epoch {done}")
+    return _fit(config, run_dir, setup, checkpoint=checkpoint, metrics=metrics,
+                progress=progress, log=log)  # fmt: skip
+
+
+def _without_epochs(tree: dict) -> dict:
+    return {**tree, "train": {k: v for k, v in tree["train"].items() if k != "epochs"}}
+
+
+class TrainingDiverged(PyroVAEError):
+    """A loss or gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _GradientWatch:
+    """Flags a non-finite gradient of any watched parameter, read once per step.
+
+    Backward hooks OR a device-side flag, so watching costs no synchronization
+    beyond the one ``svi.step`` already makes for its loss.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.flag = torch.zeros((), dtype=torch.bool, device=params[0].device)
+        self.handles = [p.register_hook(self._check) for p in params]
+
+    def _check(self, grad: torch.Tensor) -> None:
+        self.flag.logical_or_(~torch.isfinite(grad).all())
+
+    def tripped(self) -> bool:
+        return bool(self.flag.item())
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _fit(
+    config: Config,
+    run_dir: Path,
+    setup: _Setup,
+    *,
+    checkpoint: dict | None = None,
+    metrics: list[dict[str, Any]] | None = None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
+    t, data, vae = config.train, setup.data, setup.vae
+    log(f"training on {config.data.dataset} ({data.num_train} images, {setup.device}) -> {run_dir}")
     pyro.clear_param_store()
-    optimizer = pyro.optim.Adam({"lr": t.lr})
+    optimizer = pyro.optim.Adam({"lr": t.lr}, {"clip_norm": t.clip_grad} if t.clip_grad else None)
     elbo = estimators.build(
-        config.inference.elbo,
-        num_particles=config.inference.num_particles,
-        data_dim=vae.data_dim,
+        config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
     )
+    if checkpoint:
+        optimizer.set_state(checkpoint["optimizer"])
+        if hasattr(elbo, "load_state_dict"):
+            elbo.load_state_dict(checkpoint["estimator"])
+        set_rng_state(checkpoint["rng"])
     svi = SVI(vae.model, vae.guide, optimizer, loss=elbo)
     reports_bound = has_bound(config.inference.elbo)
+    watch = _GradientWatch(list(vae.parameters()))
 
-    metrics: list[dict[str, Any]] = []
+    metrics = list(metrics or [])
+    last_saved = checkpoint["epoch"] if checkpoint else 0
     steps_per_epoch = math.ceil(data.num_train / t.batch_size)
     started = time.perf_counter()
     training_seconds = 0.0  # excludes evaluation, for --seconds budgets
     out_of_time = False
-    for epoch in range(1, t.epochs + 1):
-        vae.train()
-        epoch_start = time.perf_counter()
-        total_loss, images = 0.0, 0
-        batches = tqdm(
-            data.train_batches(t.batch_size),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{t.epochs}",
-            leave=False,
-            disable=None if progress else True,
-        )
-        for step, x in enumerate(batches, 1):
-            loss = svi.step(x)
-            if reports_bound and not math.isfinite(loss):
-                raise PyroVAEError(
-                    f"loss became {loss} at epoch {epoch} step {step}; the checkpoint of "
-                    f"epoch {epoch - 1} in {run_dir} is kept"
-                )
-            total_loss += loss
-            images += len(x)
-            if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
-                out_of_time = True
-                break
-        seconds = time.perf_counter() - epoch_start
-        training_seconds += seconds
+    try:
+        for epoch in range(last_saved + 1, t.epochs + 1):
+            vae.train()
+            epoch_start = time.perf_counter()
+            total_loss, images = 0.0, 0
+            batches = tqdm(
+                data.train_batches(t.batch_size),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}/{t.epochs}",
+                leave=False,
+                disable=None if progress else True,
+            )
+            for step, x in enumerate(batches, 1):
+                loss = svi.step(x)
+                bad_loss = reports_bound and not math.isfinite(loss)
+                if bad_loss or watch.tripped():
+                    what = "the loss" if bad_loss else "a gradient"
+                    kept = (
+                        f"the checkpoint of epoch {last_saved}" if last_saved else "no checkpoint"
+                    )
+                    raise TrainingDiverged(
+                        f"{what} became NaN or infinite at epoch {epoch} step {step}; "
+                        f"{kept} in {run_dir} is kept (try a lower --lr or --clip-grad)"
+                    )
+                total_loss += loss
+                images += len(x)
+                if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
+                    out_of_time = True
+                    break
+            seconds = time.perf_counter() - epoch_start
+            training_seconds += seconds
 
-        vae.eval()
-        record = {
-            "epoch": epoch,
-            "train_elbo": -total_loss / images if reports_bound else None,
-            "test_elbo": evaluate.elbo(vae, data.test_images),
-            "seconds": seconds,
-            "images_per_second": images / seconds,
-        }
-        metrics.append(record)
-        append_metrics(run_dir, record)
-        train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
-        log(
-            f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
-            f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
-        )
-        save_checkpoint(
-            run_dir,
-            {
-                "config": to_dict(config),
-                "image_shape": list(dataset.image_shape),
+            vae.eval()
+            record = {
                 "epoch": epoch,
-                "model": vae.state_dict(),
-                "optimizer": optimizer.get_state(),
-                "rng": rng_state(),
-            },
-        )
-        if out_of_time:
-            log(f"stopping: the {t.seconds:g} s training budget is spent")
-            break
+                "train_elbo": -total_loss / images if reports_bound else None,
+                "test_elbo": evaluate.elbo(vae, data.test_images),
+                "seconds": seconds,
+                "images_per_second": images / seconds,
+            }
+            metrics.append(record)
+            append_metrics(run_dir, record)
+            train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
+            log(
+                f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
+                f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
+            )
+            if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
+                save_checkpoint(
+                    run_dir,
+                    {
+                        "config": to_dict(config),
+                        "image_shape": list(vae.image_shape),
+                        "epoch": epoch,
+                        "model": vae.state_dict(),
+                        "optimizer": optimizer.get_state(),
+                        "estimator": elbo.state_dict() if hasattr(elbo, "state_dict") else {},
+                        "rng": rng_state(),
+                    },
+                )
+                last_saved = epoch
+            if out_of_time:
+                log(f"stopping: the {t.seconds:g} s training budget is spent")
+                break
+    finally:
+        watch.close()
 
     k = config.inference.iw_samples
     eval_start = time.perf_counter()
     summary = {
-        "dataset": dataset.name,
+        "dataset": config.data.dataset,
         "epochs": len(metrics),
         "test_elbo": metrics[-1]["test_elbo"],
         "log_px": evaluate.log_likelihood(vae, data.test_images, k),

@@ -1,0 +1,300 @@
+"""Crash safety, exact resume, numerical faults, safe loading and bad input."""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyro_vae import PyroVAEError, architectures, estimators, guides, likelihoods, priors, train
+from pyro_vae.cli import main
+from pyro_vae.config import Config, apply_overrides, from_dict, to_dict, validate
+from pyro_vae.likelihoods import BernoulliLikelihood
+from pyro_vae.runs import load_checkpoint, load_run, read_metrics
+from pyro_vae.train import TrainingDiverged, resume
+
+from .helpers import small_config
+
+
+def quiet(_):
+    pass
+
+
+def final_parameters(run_dir):
+    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
+
+
+def assert_same_parameters(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("elbo", ["trace", "scorefn"])
+def test_two_epochs_then_resume_two_equals_four_straight(elbo, tmp_path):
+    train(small_config(train={"epochs": 4}, inference={"elbo": elbo}), tmp_path / "a", log=quiet)
+    train(small_config(train={"epochs": 2}, inference={"elbo": elbo}), tmp_path / "b", log=quiet)
+    resume(tmp_path / "b", epochs=4, log=quiet)
+    assert_same_parameters(final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b"))
+    assert [m["epoch"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+# Run the CLI in a child process; with a marker path, the child stalls inside the
+# fsync of a checkpoint's temporary file (written, not yet renamed) and says so.
+HARNESS = """
+import os, sys, time
+marker = sys.argv[1]
+if marker != "-":
+    real_fsync = os.fsync
+    def fsync(fd):
+        real_fsync(fd)
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            open(marker, "w").close()
+            time.sleep(60)
+    os.fsync = fsync
+from pyro_vae.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the child process made no progress"
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to spot the write")
+def test_sigkill_at_random_points_leaves_a_loadable_run_that_resumes_exactly(tmp_path):
+    epochs = 24
+    flags = ["--epochs", str(epochs), "--hidden", "400", "--latent-dim", "16", "--quiet"]
+    assert main(["train", *flags, "--out", str(tmp_path / "straight")]) == 0
+    run = tmp_path / "killed"
+    rng = random.Random(0)
+
+    def start(marker, *args):
+        return subprocess.Popen(
+            [sys.executable, "-c", HARNESS, str(marker), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    kills = 0
+    for attempt in range(5):
+        done = len(read_metrics(run))
+        marker = tmp_path / f"in-checkpoint-{attempt}" if attempt == 4 else "-"
+        args = (
+            ["train", *flags, "--out", str(run)]
+            if attempt == 0
+            else ["train", "--resume", str(run), "--quiet"]
+        )
+        child = start(marker, *args)
+        if marker == "-":
+            _wait_for(
+                lambda c=child, n=done: len(read_metrics(run)) >= n + 2 or c.poll() is not None
+            )
+            time.sleep(rng.uniform(0, 0.15))
+        else:
+            _wait_for(lambda c=child, m=marker: m.exists() or c.poll() is not None)
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            kills += 1
+        child.wait()
+        # Whatever the moment, the run folder stays loadable.
+        checkpoint = load_checkpoint(run / "checkpoint.pt")
+        assert checkpoint["epoch"] <= len(read_metrics(run))
+        load_run(run)
+    assert kills == 5
+    assert list(run.glob(".*.tmp")), "the last kill landed inside a checkpoint write"
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert not list(run.glob(".*.tmp"))
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, epochs + 1))
+    assert_same_parameters(final_parameters(tmp_path / "straight"), final_parameters(run))
+
+
+def _poison_after(monkeypatch, calls, how):
+    """Make the Bernoulli likelihood go bad from its ``calls``-th use on."""
+    original = BernoulliLikelihood.forward
+    count = {"n": 0}
+
+    def forward(self, logits):
+        count["n"] += 1
+        if count["n"] >= calls:
+            logits = how(logits)
+        return original(self, logits)
+
+    monkeypatch.setattr(BernoulliLikelihood, "forward", forward)
+
+
+@pytest.mark.parametrize(
+    "how, what",
+    [
+        (lambda logits: logits * float("nan"), "the loss"),
+        # finite in value, NaN in gradient: d sqrt(u)/du at u = 0 is infinite, times 0
+        (lambda logits: logits + 0 * torch.sqrt(logits - logits), "a gradient"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_stops_training_with_epoch_and_step_and_keeps_the_last_checkpoint(
+    how, what, tmp_path, monkeypatch
+):
+    # 1500 digits at batch 64: 24 steps per epoch, then one call for the test ELBO.
+    _poison_after(monkeypatch, 2 * 25 + 5, how)
+    with pytest.raises(TrainingDiverged) as error:
+        train(small_config(train={"epochs": 5}), tmp_path / "run", log=quiet)
+    message = str(error.value)
+    assert f"{what} became NaN or infinite at epoch 3 step 5" in message
+    assert "the checkpoint of epoch 2" in message and "\n" not in message
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_exits_with_code_3_from_the_cli(tmp_path, monkeypatch, capsys):
+    _poison_after(monkeypatch, 3, lambda logits: logits * float("nan"))
+    code = main(
+        ["train", "--epochs", "2", "--hidden", "16", "--out", str(tmp_path / "r"), "--quiet"]
+    )
+    assert code == 3
+    assert "became NaN or infinite at epoch 1 step 3" in capsys.readouterr().err
+
+
+def test_clip_grad_bounds_the_gradient_norm_in_training(tmp_path):
+    summary = train(small_config(train={"clip_grad": 1.0}), tmp_path / "run", log=quiet)
+    assert summary["test_elbo"] > -60
+
+
+@pytest.fixture
+def run_with_checkpoint(tmp_path):
+    train(small_config(train={"epochs": 1}), tmp_path / "run", log=quiet)
+    return tmp_path / "run"
+
+
+def test_truncated_checkpoint_is_refused_with_our_message(run_with_checkpoint, capsys):
+    path = run_with_checkpoint / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PyroVAEError, match="corrupt or truncated"):
+        load_run(run_with_checkpoint)
+    assert main(["evaluate", str(run_with_checkpoint)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_a_pickled_callable_is_refused(run_with_checkpoint):
+    path = run_with_checkpoint / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    checkpoint["extra"] = Payload()
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(PyroVAEError, match="holds more than tensors and plain data"):
+        load_run(run_with_checkpoint)
+
+
+def test_foreign_files_and_other_configs_are_refused(run_with_checkpoint, tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(PyroVAEError, match="is not a pyro-vae checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    config_file = run_with_checkpoint / "config.toml"
+    config_file.write_text(config_file.read_text().replace("latent_dim = 8", "latent_dim = 9"))
+    with pytest.raises(PyroVAEError, match="is from another config"):
+        resume(run_with_checkpoint, log=quiet)
+    with pytest.raises(PyroVAEError, match="is not a run folder"):
+        resume(tmp_path / "nowhere", log=quiet)
+
+
+def test_resume_refuses_other_settings(run_with_checkpoint, capsys):
+    assert main(["train", "--resume", str(run_with_checkpoint), "--lr", "0.1"]) == 2
+    assert "only --epochs may change" in capsys.readouterr().err
+
+
+REGISTRIES = [priors, likelihoods, guides, estimators, architectures]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=24))
+def test_random_spec_strings_parse_or_raise_our_error(spec):
+    for registry in REGISTRIES:
+        try:
+            registry.parse(spec)
+        except PyroVAEError:
+            pass
+
+
+FIELDS = {name: list(values) for name, values in to_dict(Config()).items()}
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["mog:3", "iwae:0", "renyi:1:2", "vamp:x", "cuda:9", "auto", "mnist"]),
+    st.lists(st.integers(min_value=-5, max_value=10**30), max_size=3),
+    st.lists(st.text(max_size=5), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+TREES = st.dictionaries(
+    st.sampled_from([*FIELDS, "extra"]),
+    st.one_of(
+        VALUES,
+        st.dictionaries(
+            st.sampled_from([k for keys in FIELDS.values() for k in keys] + ["bogus"]),
+            VALUES,
+            max_size=4,
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TREES)
+def test_random_config_trees_validate_or_raise_our_error(tree):
+    try:
+        validate(from_dict(tree))
+    except PyroVAEError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.builds(
+                lambda section, key, value: f"{section}.{key}={value}",
+                st.sampled_from([*FIELDS, "x"]),
+                st.sampled_from([k for keys in FIELDS.values() for k in keys] + ["y"]),
+                st.one_of(st.text(max_size=10), st.integers().map(str), st.floats().map(str)),
+            ),
+        ),
+        max_size=3,
+    )
+)
+def test_random_set_overrides_validate_or_raise_our_error(assignments):
+    try:
+        validate(apply_overrides(Config(), assignments))
+    except PyroVAEError:
+        pass
+
+
+def test_every_error_above_is_one_line():
+    for bad in ([], {"train": {"epochs": "x"}}, {"model": {"hidden": [0]}}):
+        try:
+            validate(from_dict(bad) if isinstance(bad, dict) else Config())
+        except PyroVAEError as e:
+            assert "\n" not in str(e)
+    json.dumps(to_dict(Config()))
