@@ -162,6 +162,8 @@ class ScoreFunctionELBO(TraceGraph_ELBO):
 
     def _score_function_guide(self, guide: Callable) -> Callable:
         def wrapped(x, *args, **kwargs):
+            if next(self.baseline.parameters()).device != x.device:
+                self.baseline.to(x.device)
             pyro.module("scorefn_baseline", self.baseline)
             with _ScoreFunctionSites(self.baseline, x):
                 return guide(x, *args, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import SVI
+from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from . import evaluate, plots
@@ -148,6 +148,20 @@ def _without_epochs(tree: dict) -> dict:
     return {**tree, "train": {k: v for k, v in tree["train"].items() if k != "epochs"}}
 
 
+def make_svi(vae: VAE, config: Config) -> tuple[SVI, pyro.optim.PyroOptim, ELBO]:
+    """The SVI object training uses, with its optimizer and estimator; a fresh param store.
+
+    ``svi.step(x)`` is one training step; benchmarks time exactly this.
+    """
+    pyro.clear_param_store()
+    t = config.train
+    optimizer = pyro.optim.Adam({"lr": t.lr}, {"clip_norm": t.clip_grad} if t.clip_grad else None)
+    elbo = estimators.build(
+        config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
+    )
+    return SVI(vae.model, vae.guide, optimizer, loss=elbo), optimizer, elbo
+
+
 class TrainingDiverged(PyroVAEError):
     """A loss or gradient became NaN or infinite; the last good checkpoint is kept."""
 
@@ -187,17 +201,12 @@ def _fit(
     """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
     t, data, vae = config.train, setup.data, setup.vae
     log(f"training on {config.data.dataset} ({data.num_train} images, {setup.device}) -> {run_dir}")
-    pyro.clear_param_store()
-    optimizer = pyro.optim.Adam({"lr": t.lr}, {"clip_norm": t.clip_grad} if t.clip_grad else None)
-    elbo = estimators.build(
-        config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
-    )
+    svi, optimizer, elbo = make_svi(vae, config)
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"])
-    svi = SVI(vae.model, vae.guide, optimizer, loss=elbo)
     reports_bound = has_bound(config.inference.elbo)
     watch = _GradientWatch(list(vae.parameters()))
 

@@ -1,0 +1,130 @@
+"""GPU check: every component and estimator trains on CUDA; MNIST training and evaluation speed.
+
+    python benchmarks/gpu_check.py --data-dir DIR --out DIR
+
+Prints one line per check and a JSON summary (also written to OUT/gpu_check.json).
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI
+from pyro.optim import Adam
+
+from pyro_vae import (
+    VAE,
+    Config,
+    ImageBatches,
+    architectures,
+    estimators,
+    evaluate_run,
+    guides,
+    likelihoods,
+    load_dataset,
+    load_run,
+    priors,
+    train,
+)
+from pyro_vae.evaluate import log_likelihood
+from pyro_vae.train import resume
+
+
+def check(name, fn, results):
+    start = time.perf_counter()
+    try:
+        value = fn()
+        results[name] = {"ok": True, "value": value, "seconds": time.perf_counter() - start}
+        print(f"ok    {name}  {value}  ({time.perf_counter() - start:.1f}s)", flush=True)
+    except Exception as e:
+        results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        print(f"FAIL  {name}  {type(e).__name__}: {e}", flush=True)
+        traceback.print_exc()
+
+
+def few_steps(data, device, elbo="trace", **components):
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(32,), **components).to(device)
+    loss = estimators.build(elbo, num_particles=1, data_dim=64)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=loss)
+    for i in range(5):
+        svi.step(data.batch(torch.arange(i * 50, i * 50 + 50, device=device)))
+    value = log_likelihood(vae, data.test_images[:50], 10)
+    assert math.isfinite(value), value
+    assert next(vae.parameters()).is_cuda
+    return round(value, 2)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__, pyro.__version__, flush=True)
+    results = {}
+
+    digits = load_dataset("digits")
+    eight_bit = dataclasses.replace(
+        digits,
+        levels=255,
+        train_images=digits.train_images * 15,
+        test_images=digits.test_images * 15,
+    )
+    data = ImageBatches(eight_bit, "none", device)
+    for p, lik, g in itertools.product(priors.entries(), likelihoods.entries(), guides.entries()):
+        spec = dict(prior=p.example, likelihood=lik.example, guide=g.example)
+        check(
+            f"components {p.example} {lik.example} {g.example}",
+            lambda s=spec: few_steps(data, device, **s),
+            results,
+        )
+    for arch in architectures.names():
+        check(f"arch {arch}", lambda a=arch: few_steps(data, device, arch=a), results)
+    for entry in estimators.entries():
+        check(
+            f"estimator {entry.example}",
+            lambda e=entry.example: few_steps(data, device, elbo=e),
+            results,
+        )
+
+    def mnist_run():
+        config = Config()
+        config.data.dataset, config.data.data_dir = "mnist", args.data_dir
+        config.train.device, config.train.epochs = "cuda", args.epochs
+        summary = train(config, out / "mnist", overwrite=True, progress=False)
+        return {k: summary[k] for k in ("test_elbo", "log_px", "train_images_per_second")}
+
+    check("mnist train on cuda", mnist_run, results)
+    check(
+        "mnist resume on cuda",
+        lambda: resume(out / "mnist", epochs=args.epochs + 1, progress=False)["test_elbo"],
+        results,
+    )
+    check(
+        "mnist evaluate K=5000 on cuda",
+        lambda: evaluate_run(out / "mnist", 5000, args.data_dir, "cuda"),
+        results,
+    )
+    check(
+        "load a GPU run on the CPU",
+        lambda: str(next(load_run(out / "mnist").parameters()).device),
+        results,
+    )
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+    failed = [k for k, v in results.items() if not v["ok"]]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+
+
+if __name__ == "__main__":
+    main()

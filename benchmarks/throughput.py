@@ -1,0 +1,158 @@
+"""Training throughput: pyro-vae's SVI step against a hand-written PyTorch VAE step.
+
+Both train the same 784-400-50 MLP (softplus, Bernoulli likelihood on logits,
+diagonal Normal guide, Adam 1e-3) on MNIST held in memory with dynamic
+binarization, in one process, timed in interleaved rounds (A B A B ...) so that
+a noisy machine slows both alike. pyro-vae's step is `make_svi(...)[0].step`,
+the one `pyro-vae train` runs, with the ELBO computed by Pyro's Trace_ELBO; the
+hand-written step computes the same ELBO with an analytic KL. Prints a table of
+images/s and ratios, and writes JSON.
+
+    python benchmarks/throughput.py --data-dir ../shared/data [--quick] [--device cuda]
+    python benchmarks/throughput.py --numpyro-python /path/to/python   # adds NumPyro's jitted epoch
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from torch import nn
+
+from pyro_vae import Config, ImageBatches, load_dataset
+from pyro_vae.nets import mlp
+from pyro_vae.runs import build_vae
+from pyro_vae.train import make_svi, resolve_device
+
+ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "numpyro_vae.py"
+
+
+class HandWrittenVAE(nn.Module):
+    """The usual PyTorch VAE: reparameterized z, BCE-with-logits, closed-form Gaussian KL."""
+
+    def __init__(self, data_dim=784, hidden=400, latent_dim=50):
+        super().__init__()
+        self.encoder = mlp([data_dim, hidden, 2 * latent_dim])
+        self.decoder = mlp([latent_dim, hidden, data_dim])
+
+    def loss(self, x):
+        loc, log_scale = self.encoder(x).chunk(2, dim=-1)
+        z = loc + log_scale.exp() * torch.randn_like(loc)
+        logits = self.decoder(z)
+        nll = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = 0.5 * (loc.pow(2) + (2 * log_scale).exp() - 1 - 2 * log_scale).sum()
+        return nll + kl
+
+
+def pyro_vae_step(data, batch_size, device):
+    config = Config()
+    vae = build_vae(config, data.dataset.image_shape).to(device)
+    svi, _, _ = make_svi(vae, config)
+    return svi.step
+
+
+def hand_written_step(data, batch_size, device):
+    model = HandWrittenVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x):
+        optimizer.zero_grad()
+        loss = model.loss(x)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+IMPLEMENTATIONS = {"pyro-vae": pyro_vae_step, "hand-written PyTorch": hand_written_step}
+
+
+def images_per_second(step, data, batch_size, steps):
+    n = data.num_train
+    order = torch.randperm(n, device=data.train_images.device)
+    start = time.perf_counter()
+    for i in range(steps):
+        index = order[(i * batch_size) % (n - batch_size) :][:batch_size]
+        step(data.batch(index))
+    if data.train_images.is_cuda:
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def numpyro_reference(python, data_root, batch_size):
+    out = subprocess.run(
+        [python, str(ANCHOR), str(data_root), str(batch_size)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("numpyro_jit_epoch"):
+            return float(line.split()[1])
+    raise RuntimeError(f"NumPyro reference printed no result: {out.stderr[-500:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch-sizes", default="128,512")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per round and implementation")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s (under 2 minutes)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--numpyro-python", default=None)
+    parser.add_argument("--out", default="runs/throughput.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 3, 2.0
+
+    device = resolve_device(args.device)
+    pyro.set_rng_seed(0)
+    data = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic", device)
+    results = []
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        steps = {name: make(data, batch_size, device) for name, make in IMPLEMENTATIONS.items()}
+        # Warm up (first-call costs, allocator) and size each timed block to ~args.seconds.
+        block = {}
+        for name, step in steps.items():
+            rate = images_per_second(step, data, batch_size, 20)
+            block[name] = max(10, int(args.seconds * rate / batch_size))
+        rates = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                rates[name].append(images_per_second(step, data, batch_size, block[name]))
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        row = {"batch_size": batch_size, "images_per_second": medians, "rounds": rates}
+        if args.numpyro_python:
+            row["images_per_second"]["NumPyro jitted epoch"] = numpyro_reference(
+                args.numpyro_python, Path(args.data_dir or "."), batch_size
+            )
+        results.append(row)
+
+    baseline = "hand-written PyTorch"
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"device {device}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{torch.get_num_threads()} threads, {cpu}"
+    )
+    print("| batch | implementation | images/s | vs hand-written PyTorch |")
+    print("|---|---|---|---|")
+    for row in results:
+        ips = row["images_per_second"]
+        for name, rate in ips.items():
+            print(f"| {row['batch_size']} | {name} | {rate:,.0f} | {rate / ips[baseline]:.2f} |")
+    for row in results:
+        ratio = row["images_per_second"]["pyro-vae"] / row["images_per_second"][baseline]
+        print(f"ratio pyro-vae / hand-written at batch {row['batch_size']}: {ratio:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": str(device), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
