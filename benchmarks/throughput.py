@@ -3,10 +3,12 @@
 Both train the same 784-400-50 MLP (softplus, Bernoulli likelihood on logits,
 diagonal Normal guide, Adam 1e-3) on MNIST held in memory with dynamic
 binarization, in one process, timed in interleaved rounds (A B A B ...) so that
-a noisy machine slows both alike. pyro-vae's step is `make_svi(...)[0].step`,
-the one `pyro-vae train` runs, with the ELBO computed by Pyro's Trace_ELBO; the
-hand-written step computes the same ELBO with an analytic KL. Prints a table of
-images/s and ratios, and writes JSON.
+a noisy machine slows both alike. Each step includes its own data handling:
+pyro-vae's is `make_svi(...)[0].step` on `ImageBatches.batch` (uint8 levels),
+exactly what `pyro-vae train` runs, with the ELBO computed by Pyro's Trace_ELBO;
+the hand-written step indexes float images, calls torch.bernoulli and computes
+the same ELBO with an analytic KL. Prints a table of images/s and ratios, and
+writes JSON.
 
     python benchmarks/throughput.py --data-dir ../shared/data [--quick] [--device cuda]
     python benchmarks/throughput.py --numpyro-python /path/to/python   # adds NumPyro's jitted epoch
@@ -49,18 +51,27 @@ class HandWrittenVAE(nn.Module):
         return nll + kl
 
 
-def pyro_vae_step(data, batch_size, device):
+def pyro_vae_step(data, device):
+    """pyro-vae's training step on its own in-memory uint8 batches."""
     config = Config()
     vae = build_vae(config, data.dataset.image_shape).to(device)
     svi, _, _ = make_svi(vae, config)
-    return svi.step
+
+    def step(index):
+        with pyro.validation_enabled(config.train.validate):
+            return svi.step(data.batch(index))
+
+    return step
 
 
-def hand_written_step(data, batch_size, device):
+def hand_written_step(data, device):
+    """The usual script: float images in memory, torch.bernoulli per batch, eager PyTorch."""
+    images = data.train_images.float() / data.dataset.levels
     model = HandWrittenVAE().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    def step(x):
+    def step(index):
+        x = torch.bernoulli(images[index])
         optimizer.zero_grad()
         loss = model.loss(x)
         loss.backward()
@@ -79,7 +90,7 @@ def images_per_second(step, data, batch_size, steps):
     start = time.perf_counter()
     for i in range(steps):
         index = order[(i * batch_size) % (n - batch_size) :][:batch_size]
-        step(data.batch(index))
+        step(index)
     if data.train_images.is_cuda:
         torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - start)
@@ -117,7 +128,7 @@ def main():
     data = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic", device)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        steps = {name: make(data, batch_size, device) for name, make in IMPLEMENTATIONS.items()}
+        steps = {name: make(data, device) for name, make in IMPLEMENTATIONS.items()}
         # Warm up (first-call costs, allocator) and size each timed block to ~args.seconds.
         block = {}
         for name, step in steps.items():

@@ -66,6 +66,7 @@ TRAIN_FLAGS = {
     "device": ("train", "device"),
     "checkpoint_every": ("train", "checkpoint_every"),
     "clip_grad": ("train", "clip_grad"),
+    "validate": ("train", "validate"),
 }
 
 
@@ -102,6 +103,12 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm at this value")
+    g.add_argument(
+        "--validate",
+        action="store_const",
+        const=True,
+        help="keep Pyro's runtime checks of distributions on while training (slower)",
+    )
     g.add_argument(
         "--set",
         action="append",

@@ -68,6 +68,7 @@ class TrainConfig:
     seconds: float = 0.0  # stop after this much training time; 0: no limit
     checkpoint_every: int = 1
     clip_grad: float = 0.0  # clip the gradient norm at this value; 0: no clipping
+    validate: bool = False  # Pyro's runtime checks of distributions while training (slower)
 
 
 @dataclass

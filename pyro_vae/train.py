@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pyro
-import pyro.optim
 import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from .data import ImageBatches, load_dataset
 from .elbos import estimators, has_bound
 from .errors import PyroVAEError
 from .models import VAE
+from .optim import Adam
 from .runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -148,14 +148,14 @@ def _without_epochs(tree: dict) -> dict:
     return {**tree, "train": {k: v for k, v in tree["train"].items() if k != "epochs"}}
 
 
-def make_svi(vae: VAE, config: Config) -> tuple[SVI, pyro.optim.PyroOptim, ELBO]:
+def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     """The SVI object training uses, with its optimizer and estimator; a fresh param store.
 
     ``svi.step(x)`` is one training step; benchmarks time exactly this.
     """
     pyro.clear_param_store()
     t = config.train
-    optimizer = pyro.optim.Adam({"lr": t.lr}, {"clip_norm": t.clip_grad} if t.clip_grad else None)
+    optimizer = Adam(t.lr, clip_norm=t.clip_grad or None)
     elbo = estimators.build(
         config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
     )
@@ -217,69 +217,77 @@ def _fit(
     training_seconds = 0.0  # excludes evaluation, for --seconds budgets
     out_of_time = False
     try:
-        for epoch in range(last_saved + 1, t.epochs + 1):
-            vae.train()
-            epoch_start = time.perf_counter()
-            total_loss, images = 0.0, 0
-            batches = tqdm(
-                data.train_batches(t.batch_size),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{t.epochs}",
-                leave=False,
-                disable=None if progress else True,
-            )
-            for step, x in enumerate(batches, 1):
-                loss = svi.step(x)
-                bad_loss = reports_bound and not math.isfinite(loss)
-                if bad_loss or watch.tripped():
-                    what = "the loss" if bad_loss else "a gradient"
-                    kept = (
-                        f"the checkpoint of epoch {last_saved}" if last_saved else "no checkpoint"
-                    )
-                    raise TrainingDiverged(
-                        f"{what} became NaN or infinite at epoch {epoch} step {step}; "
-                        f"{kept} in {run_dir} is kept (try a lower --lr or --clip-grad)"
-                    )
-                total_loss += loss
-                images += len(x)
-                if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
-                    out_of_time = True
-                    break
-            seconds = time.perf_counter() - epoch_start
-            training_seconds += seconds
-
-            vae.eval()
-            record = {
-                "epoch": epoch,
-                "train_elbo": -total_loss / images if reports_bound else None,
-                "test_elbo": evaluate.elbo(vae, data.test_images),
-                "seconds": seconds,
-                "images_per_second": images / seconds,
-            }
-            metrics.append(record)
-            append_metrics(run_dir, record)
-            train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
-            log(
-                f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
-                f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
-            )
-            if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
-                save_checkpoint(
-                    run_dir,
-                    {
-                        "config": to_dict(config),
-                        "image_shape": list(vae.image_shape),
-                        "epoch": epoch,
-                        "model": vae.state_dict(),
-                        "optimizer": optimizer.get_state(),
-                        "estimator": elbo.state_dict() if hasattr(elbo, "state_dict") else {},
-                        "rng": rng_state(),
-                    },
+        with pyro.validation_enabled(t.validate):
+            for epoch in range(last_saved + 1, t.epochs + 1):
+                vae.train()
+                epoch_start = time.perf_counter()
+                total_loss, images = 0.0, 0
+                batches = tqdm(
+                    data.train_batches(t.batch_size),
+                    total=steps_per_epoch,
+                    desc=f"epoch {epoch}/{t.epochs}",
+                    leave=False,
+                    disable=None if progress else True,
                 )
-                last_saved = epoch
-            if out_of_time:
-                log(f"stopping: the {t.seconds:g} s training budget is spent")
-                break
+                for step, x in enumerate(batches, 1):
+                    loss = svi.step(x)
+                    bad_loss = reports_bound and not math.isfinite(loss)
+                    if bad_loss or watch.tripped():
+                        what = "the loss" if bad_loss else "a gradient"
+                        kept = (
+                            f"the checkpoint of epoch {last_saved}"
+                            if last_saved
+                            else "no checkpoint"
+                        )
+                        raise TrainingDiverged(
+                            f"{what} became NaN or infinite at epoch {epoch} step {step}; "
+                            f"{kept} in {run_dir} is kept (try a lower --lr or --clip-grad)"
+                        )
+                    total_loss += loss
+                    images += len(x)
+                    if (
+                        t.seconds
+                        and training_seconds + time.perf_counter() - epoch_start >= t.seconds
+                    ):
+                        out_of_time = True
+                        break
+                seconds = time.perf_counter() - epoch_start
+                training_seconds += seconds
+
+                vae.eval()
+                record = {
+                    "epoch": epoch,
+                    "train_elbo": -total_loss / images if reports_bound else None,
+                    "test_elbo": evaluate.elbo(vae, data.test_images),
+                    "seconds": seconds,
+                    "images_per_second": images / seconds,
+                }
+                metrics.append(record)
+                append_metrics(run_dir, record)
+                train_elbo = (
+                    "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
+                )
+                log(
+                    f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
+                    f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
+                )
+                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
+                    save_checkpoint(
+                        run_dir,
+                        {
+                            "config": to_dict(config),
+                            "image_shape": list(vae.image_shape),
+                            "epoch": epoch,
+                            "model": vae.state_dict(),
+                            "optimizer": optimizer.get_state(),
+                            "estimator": elbo.state_dict() if hasattr(elbo, "state_dict") else {},
+                            "rng": rng_state(),
+                        },
+                    )
+                    last_saved = epoch
+                if out_of_time:
+                    log(f"stopping: the {t.seconds:g} s training budget is spent")
+                    break
     finally:
         watch.close()
 

@@ -36,6 +36,7 @@ def small_config(**sections) -> Config:
     config.train.epochs = 3
     config.train.batch_size = 64
     config.inference.iw_samples = 20
+    config.train.validate = True  # Pyro's validation stays on in tests
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)

@@ -60,6 +60,7 @@ class VAE(nn.Module):
             encoder_out=self.posterior.param_dim,
             decoder_out=self.likelihood.param_dim,
         )
+        self._param_lists: dict[str, list[tuple[str, torch.Tensor]]] | None = None
         # Built last: a prior may be defined through the encoder (the VampPrior).
         self.prior = priors.build(
             prior, latent_dim=latent_dim, data_dim=self.data_dim, encode=self.encode
@@ -69,32 +70,51 @@ class VAE(nn.Module):
         """q(z|x) for a batch of flattened images, as a distribution of batch shape (B,)."""
         return self.posterior(self.encoder(x))
 
-    def register(self) -> None:
-        """``pyro.module("vae", self)``, making sure the param store holds *these* tensors.
+    def _pyro_params(self, part: str) -> list[tuple[str, torch.Tensor]]:
+        """Param-store names and tensors of the model's or the guide's parameters, cached.
+
+        The model owns the decoder, likelihood and prior; the guide everything else
+        (the encoder and the guide family). ``.to()`` and ``load_state_dict`` keep
+        these tensors, so the lists are built once.
+        """
+        if self._param_lists is None:
+            model_modules = (self.decoder, self.likelihood, self.prior)
+            in_model = {id(p) for m in model_modules for p in m.parameters()}
+            named = [
+                (f"{PYRO_NAME}$$${n}", p) for n, p in self.named_parameters() if p.requires_grad
+            ]
+            self._param_lists = {
+                "model": [(n, p) for n, p in named if id(p) in in_model],
+                "guide": [(n, p) for n, p in named if id(p) not in in_model],
+            }
+        return self._param_lists[part]
+
+    def register(self, part: str) -> None:
+        """Register the model's or the guide's parameters with Pyro, as ``pyro.module`` would.
 
         ``pyro.module`` keeps whatever tensors were first registered under a name, so
         a second VAE in the same process would silently have SVI step the first
-        one's parameters. Entries that are not ours are evicted first; the check is
-        one dict lookup per parameter.
+        one's parameters. Entries that are not ours are evicted first.
         """
+        params = self._pyro_params(part)
         store = pyro.get_param_store()
-        names = [(f"{PYRO_NAME}$$${n}", p) for n, p in self.named_parameters() if p.requires_grad]
-        if any(name not in store or store[name] is not param for name, param in names):
-            for name, _ in names:
+        if any(name not in store or store[name] is not p for name, p in params):
+            for name, _ in params:
                 if name in store:
                     del store[name]
-        pyro.module(PYRO_NAME, self)
+        for name, p in params:
+            pyro.param(name, p)
 
     def model(self, x: torch.Tensor) -> None:
         """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D)."""
-        self.register()
+        self.register("model")
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
         """q(z|x), amortized by the encoder."""
-        self.register()
+        self.register("guide")
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", self.encode(x))
 
