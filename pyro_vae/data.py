@@ -161,11 +161,36 @@ class ImageBatches:
             return (r < levels).float()
         return levels.float().mul_(self.scale)
 
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled batches (the last one may be smaller)."""
-        order = torch.randperm(self.num_train, device=self.train_images.device)
-        for start in range(0, self.num_train, batch_size):
-            yield self.batch(order[start : start + batch_size])
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone.
+
+        Every process of a distributed run computes the same order, and a resumed
+        run recomputes it, without sharing any RNG state.
+        """
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_train, generator=generator).to(self.train_images.device)
+
+    def train_batches(
+        self,
+        batch_size: int,
+        order: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        """One epoch of batches in ``order`` (a fresh shuffle if None); this rank's shard.
+
+        ``batch_size`` is the global batch: each of ``world_size`` ranks takes a
+        disjoint, equal share of every batch (the last batch may be smaller; images
+        left over by an uneven split are skipped this epoch, so that every rank
+        takes the same number of steps).
+        """
+        if order is None:
+            order = torch.randperm(self.num_train, device=self.train_images.device)
+        usable = len(order) - len(order) % world_size
+        mine = order[:usable][rank::world_size]
+        per_rank = max(1, batch_size // world_size)
+        for start in range(0, len(mine), per_rank):
+            yield self.batch(mine[start : start + per_rank])
 
     def all_images(self, chunk: int = 10_000) -> Iterator[torch.Tensor]:
         """Every training and test image as the model will see it, in chunks."""

@@ -89,17 +89,23 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
-    """Create an empty run folder; an existing non-empty one needs ``overwrite``."""
+def check_run_dir(run_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a run folder that is a file, or exists and is not empty, unless ``overwrite``."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PyroVAEError(f"run folder {run_dir} exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise PyroVAEError(
-                f"run folder {run_dir} already exists; pass --overwrite to replace it "
-                f"or choose another --out"
-            )
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise PyroVAEError(
+            f"run folder {run_dir} already exists; pass --overwrite to replace it "
+            f"or choose another --out"
+        )
+
+
+def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
+    """Create an empty run folder; an existing non-empty one needs ``overwrite``."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, overwrite)
+    if run_dir.is_dir():
         for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
-from . import evaluate, plots
+from . import distributed, evaluate, plots
 from .config import Config, dumps, to_dict, validate
 from .config import load as load_config
 from .data import ImageBatches, load_dataset
@@ -37,6 +38,7 @@ from .runs import (
     append_metrics,
     atomic_write,
     build_vae,
+    check_run_dir,
     load_checkpoint,
     prepare_run_dir,
     read_metrics,
@@ -62,23 +64,31 @@ def default_run_dir(config: Config) -> Path:
 
 @dataclass
 class _Setup:
-    """Everything a run needs before its first step: device, data and the model."""
+    """Everything a run needs before its first step: device, processes, data and the model."""
 
     device: torch.device
+    world: distributed.World
     data: ImageBatches
     vae: VAE
 
 
 def _setup(config: Config) -> _Setup:
     d, t = config.data, config.train
-    device = resolve_device(t.device)
+    device = distributed.local_device(resolve_device(t.device))
+    world = distributed.init(device)
+    if world.distributed:
+        distributed.check_supported(config.inference.elbo)
+        if t.seconds:
+            raise PyroVAEError("--seconds is not supported under torchrun (ranks must agree)")
     dataset = load_dataset(d.dataset, d.data_dir)
     data = ImageBatches(dataset, d.binarize, device)
     pyro.set_rng_seed(t.seed)
     vae = build_vae(config, dataset.image_shape).to(device)
     for images in data.all_images():
         vae.likelihood.check_support(images)
-    return _Setup(device, data, vae)
+    if world.distributed:  # the same initial model everywhere, different noise per rank
+        pyro.set_rng_seed(t.seed + world.rank)
+    return _Setup(device, world, data, vae)
 
 
 def train(
@@ -95,9 +105,18 @@ def train(
     """
     validate(config)
     setup = _setup(config)
-    run_dir = prepare_run_dir(out or default_run_dir(config), overwrite)
-    atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
-    return _fit(config, run_dir, setup, progress=progress, log=log)
+    world = setup.world
+    run_dir = Path(out or default_run_dir(config))
+    check_run_dir(run_dir, overwrite)  # every rank, so that a refusal stops them all
+    distributed.barrier(world)
+    if world.is_main:
+        prepare_run_dir(run_dir, overwrite)
+        atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
+    distributed.barrier(world)
+    try:
+        return _fit(config, run_dir, setup, progress=progress, log=log)
+    finally:
+        distributed.finish(world)
 
 
 def resume(
@@ -114,6 +133,8 @@ def resume(
     extends the run.
     """
     run_dir = Path(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PyroVAEError("--resume under torchrun is not supported yet; resume in one process")
     if not (run_dir / CONFIG_FILE).is_file():
         raise PyroVAEError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
     config = load_config(run_dir / CONFIG_FILE)
@@ -199,9 +220,13 @@ def _fit(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
-    t, data, vae = config.train, setup.data, setup.vae
-    log(f"training on {config.data.dataset} ({data.num_train} images, {setup.device}) -> {run_dir}")
+    t, data, vae, world = config.train, setup.data, setup.vae, setup.world
+    if not world.is_main:
+        log = _silent
+    where = f"{setup.device}, {world.size} processes" if world.distributed else f"{setup.device}"
+    log(f"training on {config.data.dataset} ({data.num_train} images, {where}) -> {run_dir}")
     svi, optimizer, elbo = make_svi(vae, config)
+    step_fn = _ddp_step(vae, optimizer, elbo) if world.distributed else svi.step
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -222,15 +247,16 @@ def _fit(
                 vae.train()
                 epoch_start = time.perf_counter()
                 total_loss, images = 0.0, 0
+                order = data.epoch_order(t.seed, epoch)
                 batches = tqdm(
-                    data.train_batches(t.batch_size),
+                    data.train_batches(t.batch_size, order, world.rank, world.size),
                     total=steps_per_epoch,
                     desc=f"epoch {epoch}/{t.epochs}",
                     leave=False,
-                    disable=None if progress else True,
+                    disable=None if progress and world.is_main else True,
                 )
                 for step, x in enumerate(batches, 1):
-                    loss = svi.step(x)
+                    loss = step_fn(x)
                     bad_loss = reports_bound and not math.isfinite(loss)
                     if bad_loss or watch.tripped():
                         what = "the loss" if bad_loss else "a gradient"
@@ -255,15 +281,21 @@ def _fit(
                 training_seconds += seconds
 
                 vae.eval()
+                total_loss, images = distributed.all_sum(
+                    world, total_loss, images, device=setup.device
+                )
                 record = {
                     "epoch": epoch,
                     "train_elbo": -total_loss / images if reports_bound else None,
-                    "test_elbo": evaluate.elbo(vae, data.test_images),
+                    "test_elbo": _sharded(
+                        world, evaluate.elbo, vae, data.test_images, setup.device
+                    ),
                     "seconds": seconds,
                     "images_per_second": images / seconds,
                 }
                 metrics.append(record)
-                append_metrics(run_dir, record)
+                if world.is_main:
+                    append_metrics(run_dir, record)
                 train_elbo = (
                     "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
                 )
@@ -271,7 +303,8 @@ def _fit(
                     f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
                     f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
                 )
-                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
+                saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
+                if saving and world.is_main:
                     save_checkpoint(
                         run_dir,
                         {
@@ -293,22 +326,57 @@ def _fit(
 
     k = config.inference.iw_samples
     eval_start = time.perf_counter()
+    log_px = _sharded(world, evaluate.log_likelihood, vae, data.test_images, setup.device, k)
     summary = {
         "dataset": config.data.dataset,
         "epochs": len(metrics),
         "test_elbo": metrics[-1]["test_elbo"],
-        "log_px": evaluate.log_likelihood(vae, data.test_images, k),
+        "log_px": log_px,
         "iw_samples": k,
         "eval_seconds": time.perf_counter() - eval_start,
         "train_images_per_second": sum(m["images_per_second"] for m in metrics) / len(metrics),
         "wall_seconds": time.perf_counter() - started,
     }
-    write_json(run_dir / SUMMARY_FILE, summary)
+    if world.distributed:
+        summary["processes"] = world.size
+        summary["parameters_identical_across_processes"] = distributed.parameters_agree(world, vae)
+    if world.is_main:
+        write_json(run_dir / SUMMARY_FILE, summary)
+        save_pictures(vae, data.test_images, run_dir, metrics)
     log(
         f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} (K={k}) nats/image"
     )
-    save_pictures(vae, data.test_images, run_dir, metrics)
     return summary
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _sharded(world, measure, vae, images, device, *args) -> float:
+    """A per-image average over ``images``, each process measuring its share."""
+    mine = images[world.rank :: world.size]
+    total, count = distributed.all_sum(
+        world, measure(vae, mine, *args) * len(mine), len(mine), device=device
+    )
+    return total / count
+
+
+def _ddp_step(vae: VAE, optimizer: Adam, elbo: ELBO) -> Callable[[torch.Tensor], float]:
+    """One step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    loss_module = elbo(distributed.Program(vae, "model"), distributed.Program(vae, "guide"))
+    ddp = DistributedDataParallel(loss_module)
+    params = [p for p in vae.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor) -> float:
+        loss = ddp(x)
+        loss.backward()
+        optimizer(params)
+        return loss.item()
+
+    return step
 
 
 def save_pictures(vae, test_images: torch.Tensor, run_dir: Path, metrics: list[dict]) -> None:

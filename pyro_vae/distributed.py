@@ -1,0 +1,109 @@
+"""Several processes, one run: torch.distributed under ``torchrun``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on a disjoint shard of
+every epoch, and PyTorch's DistributedDataParallel averages the gradients of the
+ELBO that Pyro computes. Pyro's ``ELBOModule`` turns the ELBO of a model and guide
+into an ``nn.Module`` for DDP to wrap; the model and guide are given to it as
+modules here. gloo carries the traffic on CPU, nccl on CUDA; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import PyroVAEError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init(device: torch.device) -> World:
+    """Join the process group that ``torchrun`` set up (a world of one without it)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` becomes this process's GPU (``LOCAL_RANK``) under torchrun."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def all_sum(world: World, *values: float, device: torch.device) -> list[float]:
+    """Sums of ``values`` over all processes (the values themselves in a world of one)."""
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def parameters_agree(world: World, module: nn.Module) -> bool:
+    """Whether every process holds exactly the same parameters."""
+    if not world.distributed:
+        return True
+    with torch.no_grad():
+        flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world.size)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+class Program(nn.Module):
+    """``vae.model`` or ``vae.guide`` as a module, so ``ELBOModule`` and DDP see its parameters."""
+
+    def __init__(self, vae: nn.Module, which: str):
+        super().__init__()
+        self.vae, self.which = vae, which
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.vae, self.which)(*args, **kwargs)
+
+
+SUPPORTED = ("trace", "meanfield", "jit-trace", "jit-meanfield", "dreg")
+"""Estimators with a differentiable loss that DDP can differentiate (Pyro's RenyiELBO,
+TraceGraph_ELBO and TraceTailAdaptive_ELBO only produce gradients in place)."""
+
+
+def check_supported(spec: str) -> None:
+    name = spec.split(":")[0]
+    if name not in SUPPORTED:
+        raise PyroVAEError(
+            f"estimator {spec!r} cannot run under torchrun (it has no differentiable loss "
+            f"for DistributedDataParallel); choose from: {', '.join(SUPPORTED)}"
+        )
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def finish(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
