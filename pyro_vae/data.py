@@ -59,10 +59,10 @@ def _torchvision_dataset(cls_name: str, name: str, data_dir: str | None) -> Data
         )
     try:
         splits = [cls(str(root), train=train, download=False) for train in (True, False)]
-    except RuntimeError:
-        splits = _download(cls, name, root)
     except Exception as e:  # torchvision's readers fail many ways on damaged files
-        raise PyroVAEError(f"cannot read {name} from {root}: {e}") from None
+        if not (isinstance(e, RuntimeError) and "not found" in str(e).lower()):
+            raise PyroVAEError(f"cannot read {name} from {root}: {e}") from None
+        splits = _download(cls, name, root)
     (train, test) = splits
     images = [s.data.reshape(len(s.data), -1).contiguous() for s in splits]
     if any(img.dtype != torch.uint8 or img.shape[1] != 28 * 28 for img in images):

@@ -93,3 +93,13 @@ def test_data_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.delenv("PYRO_VAE_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert default_data_dir() == tmp_path / "cache" / "pyro-vae"
+
+
+def test_a_damaged_data_folder_is_refused_with_our_message(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # fmt: skip
+        (raw / name).write_bytes(b"\x00\x00\x08\x03 not an image file")
+    with pytest.raises(PyroVAEError, match=f"cannot read mnist from {tmp_path}"):
+        load_dataset("mnist", str(tmp_path))
