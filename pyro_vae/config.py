@@ -104,7 +104,10 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
         what = "whole numbers" if item is int else "strings"
         raise PyroVAEError(f"{where} must be a list of {what}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise PyroVAEError(f"{where} is too large: {str(value)[:20]}...") from None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise PyroVAEError(f"{where} must be of type {kind.__name__}, got {value!r}")
     return value

@@ -39,6 +39,11 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
     """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws per image, shape (K, B)."""
     model_trace, guide_trace, _ = vectorized_traces(vae.model, vae.guide, num_samples, -2, x)
     log_w = log_density(model_trace) - log_density(guide_trace)
+    # Pyro's traces sit in reference cycles; emptying their sites frees this chunk's
+    # large tensors now rather than at the next garbage collection.
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            site.clear()
     return log_w.expand(num_samples, len(x))
 
 

@@ -57,6 +57,7 @@ def test_bad_overrides_are_refused_with_the_valid_choices(assignment, message):
         ({"model": {"hidden": [400, "x"]}}, "model.hidden must be a list of whole numbers"),
         ({"extra": {}}, r"unknown config section \[extra\]"),
         ({"train": 3}, r"config \[train\] must be a table"),
+        ({"train": {"seconds": 10**400}}, r"train.seconds is too large"),
     ],
 )
 def test_wrong_types_in_toml_are_refused(tree, message):
