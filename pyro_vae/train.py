@@ -161,8 +161,9 @@ def resume(
     if checkpoint:
         setup.vae.load_state_dict(checkpoint["model"])
         log(f"resuming {run_dir} after epoch {done}")
-    return _fit(config, run_dir, setup, checkpoint=checkpoint, metrics=metrics,
-                progress=progress, log=log)  # fmt: skip
+    return _fit(
+        config, run_dir, setup, checkpoint=checkpoint, metrics=metrics, progress=progress, log=log
+    )
 
 
 def _without_epochs(tree: dict) -> dict:
