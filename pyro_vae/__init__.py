@@ -13,7 +13,7 @@ from .errors import PyroVAEError
 from .evaluate import elbo, evaluate_run, log_likelihood
 from .guides import guides
 from .likelihoods import likelihoods
-from .models import VAE
+from .models import M1M2, SSVAE, VAE
 from .nets import architectures
 from .priors import priors
 from .runs import load_run
@@ -22,6 +22,8 @@ from .train import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "M1M2",
+    "SSVAE",
     "VAE",
     "Config",
     "ImageBatches",

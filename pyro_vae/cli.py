@@ -48,6 +48,7 @@ TRAIN_FLAGS = {
     "dataset": ("data", "dataset"),
     "data_dir": ("data", "data_dir"),
     "binarize": ("data", "binarize"),
+    "model": ("model", "kind"),
     "arch": ("model", "arch"),
     "hidden": ("model", "hidden"),
     "latent_dim": ("model", "latent_dim"),
@@ -67,6 +68,10 @@ TRAIN_FLAGS = {
     "checkpoint_every": ("train", "checkpoint_every"),
     "clip_grad": ("train", "clip_grad"),
     "validate": ("train", "validate"),
+    "labeled": ("semi", "labeled"),
+    "aux_weight": ("semi", "aux_weight"),
+    "validation": ("semi", "validation"),
+    "m1_run": ("semi", "m1_run"),
 }
 
 
@@ -78,6 +83,10 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     g.add_argument("--data-dir", help="folder with the data (default: $PYRO_VAE_DATA or cache)")
     g.add_argument("--binarize", help="dynamic (default), static or none")
     g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="vae (default); m2 or m1m2: semi-supervised (Kingma et al. 2014), see below",
+    )
     g.add_argument("--arch", help=f"{architectures.choices()} (default: mlp)")
     g.add_argument("--hidden", type=_int_list, help="hidden sizes, e.g. 400 or 400,200")
     g.add_argument("--latent-dim", type=int, help="size of z (default: 50)")
@@ -116,6 +125,13 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any config field, e.g. --set model.latent_dim=20",
     )
+    g = p.add_argument_group("semi-supervised (--model m2 or m1m2)")
+    g.add_argument("--labeled", type=int, help="class-balanced labelled images (default: 100)")
+    g.add_argument("--aux-weight", type=float, help="alpha of alpha*log q(y|x) (default: 50)")
+    g.add_argument(
+        "--validation", type=int, help="training images held out (default: 10000, 1/5 if fewer)"
+    )
+    g.add_argument("--m1-run", help="m1m2: a trained VAE run whose latent means M2 models")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -153,8 +169,11 @@ def _add_compare(subparsers) -> None:
 def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="test ELBO and importance-sampled log p(x) of a run",
-        description="Evaluate a trained run on its test set; results go to RUN_DIR/summary.json.",
+        help="test ELBO and importance-sampled log p(x) of a run (accuracy for M2)",
+        description=(
+            "Evaluate a trained run on its test set: ELBO and log p(x) for a VAE, test "
+            "accuracy and ELBO for M2 and M1+M2. Results go to RUN_DIR/summary.json."
+        ),
     )
     p.add_argument("run_dir", help="a run directory written by 'pyro-vae train'")
     p.add_argument("--iw-samples", type=int, default=None, help="K per image (default: config)")
@@ -166,7 +185,10 @@ def _add_sample(subparsers) -> None:
     p = subparsers.add_parser(
         "sample",
         help="draw images from a trained run's model",
-        description="Decode z ~ p(z) and save the means of p(x|z) as an image grid.",
+        description=(
+            "Decode z ~ p(z) and save the means of p(x|z) as an image grid; for M2 and "
+            "M1+M2, a row per class (y) with the same styles z down each column."
+        ),
     )
     p.add_argument("run_dir", help="a run directory written by 'pyro-vae train'")
     p.add_argument("-n", type=int, default=100, help="how many images (default: 100)")
@@ -194,7 +216,7 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
         if value is not None and not (flag == "elbo" and isinstance(value, list)):
             tree.setdefault(section, {})[key] = value
     config = config_lib.from_dict(tree, config)
-    config.model.plugins = config_lib.resolve_plugin_paths(config.model.plugins, Path.cwd())
+    config_lib.resolve_paths(config, Path.cwd())
     return config_lib.validate(config_lib.apply_overrides(config, args.set))
 
 
@@ -253,7 +275,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
     if not out.parent.is_dir():
         raise PyroVAEError(f"folder {out.parent} does not exist")
-    image_grid(vae.generate(args.n), vae.image_shape, out)
+    image_grid(vae.generate(args.n), vae.image_shape, out, ncols=getattr(vae, "num_classes", 10))
     print(out)
 
 

@@ -116,6 +116,10 @@ def compare(
     log=print,
 ) -> list[dict[str, Any]]:
     """Train one run per estimator in ``specs`` under ``out`` and write compare.csv/.md/.png."""
+    if config.model.kind != "vae":
+        raise PyroVAEError(
+            f"compare trains VAEs; --model {config.model.kind} trains with TraceEnum_ELBO alone"
+        )
     if not specs:
         raise PyroVAEError("compare needs at least one --elbo")
     if len(set(specs)) != len(specs):

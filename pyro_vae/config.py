@@ -40,8 +40,14 @@ class DataConfig:
     binarize: str = "dynamic"
 
 
+MODEL_KINDS = ("vae", "m2", "m1m2")
+SEMI_ESTIMATORS = ("trace", "jit-trace")
+"""Estimators that run M2: Pyro's TraceEnum_ELBO and its jitted form, which sum over y."""
+
+
 @dataclass
 class ModelConfig:
+    kind: str = "vae"  # vae; m2 or m1m2 (semi-supervised, Kingma et al. 2014)
     arch: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [400])
     latent_dim: int = 50
@@ -72,11 +78,22 @@ class TrainConfig:
 
 
 @dataclass
+class SemiConfig:
+    """Semi-supervised training (``model.kind`` m2 or m1m2); ignored by a VAE."""
+
+    labeled: int = 100  # class-balanced labelled images, drawn with the seed
+    aux_weight: float = 50.0  # alpha of the auxiliary alpha * log q(y|x) term
+    validation: int | None = None  # training images held out; None: 10,000 (1/5 if smaller)
+    m1_run: str | None = None  # the trained VAE whose latent means M1+M2 models
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
 
 
 def _sections(config: Config) -> dict[str, Any]:
@@ -150,7 +167,15 @@ def load(path: str | Path) -> Config:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PyroVAEError(f"cannot read config file {path}: {e}") from None
     config = from_dict(tree)
-    config.model.plugins = resolve_plugin_paths(config.model.plugins, Path(path).parent)
+    resolve_paths(config, Path(path).parent)
+    return config
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """Make the config's relative paths (plugin files, the M1 run) absolute, from ``base``."""
+    config.model.plugins = resolve_plugin_paths(config.model.plugins, base)
+    if config.semi.m1_run:
+        config.semi.m1_run = str((base / config.semi.m1_run).resolve())
     return config
 
 
@@ -226,8 +251,10 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 
 def validate(config: Config) -> Config:
     """Refuse out-of-range values and bad specs before any work starts."""
-    d, m, i, t = config.data, config.model, config.inference, config.train
+    d, m, i, t, s = config.data, config.model, config.inference, config.train, config.semi
     import_plugins(m.plugins)
+    if m.kind not in MODEL_KINDS:
+        raise PyroVAEError(f"unknown model {m.kind!r}; choose from: {', '.join(MODEL_KINDS)}")
     if d.dataset not in datasets:
         raise PyroVAEError(f"unknown dataset {d.dataset!r}; choose from: {datasets.choices()}")
     if d.binarize not in BINARIZATIONS:
@@ -245,6 +272,9 @@ def validate(config: Config) -> Config:
         (t.seed >= 0, "train.seed must be >= 0"),
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (s.labeled >= 1, "semi.labeled must be >= 1"),
+        (math.isfinite(s.aux_weight) and s.aux_weight >= 0, "semi.aux_weight must be >= 0"),
+        (s.validation is None or s.validation >= 0, "semi.validation must be >= 0"),
         (math.isfinite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad must be >= 0"),
     ]
     for ok, message in checks:
@@ -260,4 +290,21 @@ def validate(config: Config) -> Config:
     ):
         registry.parse(spec)
     estimators.parse(i.elbo)
+    if m.kind != "vae":
+        _validate_semi(config)
     return config
+
+
+def _validate_semi(config: Config) -> None:
+    m, i = config.model, config.inference
+    if i.elbo not in SEMI_ESTIMATORS:
+        raise PyroVAEError(
+            f"--elbo {i.elbo} does not run {m.kind}: its unlabelled images sum over y by "
+            f"enumeration, which {', '.join(SEMI_ESTIMATORS)} (TraceEnum_ELBO) do"
+        )
+    if m.arch != "mlp":
+        raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
+    if m.kind == "m1m2" and not config.semi.m1_run:
+        raise PyroVAEError("--model m1m2 needs --m1-run RUN_DIR, a VAE run trained on the data")
+    if m.kind == "m2" and config.semi.m1_run:
+        raise PyroVAEError("--m1-run is for --model m1m2; M2 models the images themselves")

@@ -37,6 +37,7 @@ class Dataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    num_classes: int = 10
 
 
 def default_data_dir() -> Path:
@@ -160,6 +161,17 @@ class ImageBatches:
             )
             return (r < levels).float()
         return levels.float().mul_(self.scale)
+
+    def fixed(self, index: torch.Tensor) -> torch.Tensor:
+        """Training images at ``index`` as the test set is seen: binarized once, seed fixed.
+
+        For held-out training images (a validation split), so that their scores do
+        not change from one evaluation to the next.
+        """
+        images = self.dataset.train_images[index.cpu()].float() * (1.0 / self.dataset.levels)
+        if self.binarize != "none":
+            images = _binarize_once(images)
+        return images.to(self.train_images.device)
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
         """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone.

@@ -88,7 +88,10 @@ def evaluate_run(
     data_dir: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Test ELBO and log p(x) of a run on its test set, stored into its summary.json."""
+    """Test ELBO and log p(x) of a run on its test set, stored into its summary.json.
+
+    For a semi-supervised run (M2, M1+M2): test accuracy and the ELBO with y summed out.
+    """
     from .data import ImageBatches, load_dataset
     from .runs import SUMMARY_FILE, load_run, write_json
     from .train import resolve_device
@@ -100,11 +103,18 @@ def evaluate_run(
     if k < 1:
         raise PyroVAEError(f"--iw-samples must be >= 1, got {k}")
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
-    test = ImageBatches(dataset, config.data.binarize, device).test_images
+    data = ImageBatches(dataset, config.data.binarize, device)
     pyro.set_rng_seed(config.train.seed)
     start = time.perf_counter()
-    result = {"test_elbo": elbo(vae, test), "log_px": log_likelihood(vae, test, k)}
-    result.update(iw_samples=k, eval_seconds=time.perf_counter() - start)
+    if config.model.kind == "vae":
+        test = data.test_images
+        result = {"test_elbo": elbo(vae, test), "log_px": log_likelihood(vae, test, k)}
+        result["iw_samples"] = k
+    else:
+        from . import semi
+
+        result = semi.evaluate(vae, data)
+    result["eval_seconds"] = time.perf_counter() - start
     summary_path = Path(run_dir) / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     write_json(summary_path, {**summary, **result})

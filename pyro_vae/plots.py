@@ -70,3 +70,19 @@ def elbo_curve(metrics: list[dict], path: str | Path) -> None:
     ax.legend()
     fig.set_layout_engine("tight")
     save_figure(fig, path)
+
+
+def accuracy_curve(metrics: list[dict], path: str | Path) -> None:
+    """Save validation and test accuracy against epoch."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    epochs = [m["epoch"] for m in metrics]
+    if metrics[0]["validation_accuracy"] is not None:
+        ax.plot(epochs, [m["validation_accuracy"] for m in metrics], "o-", label="validation")
+    ax.plot(epochs, [m["test_accuracy"] for m in metrics], "s-", label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.set_layout_engine("tight")
+    save_figure(fig, path)

@@ -24,7 +24,7 @@ import torch
 from . import config as config_lib
 from .config import Config
 from .errors import PyroVAEError
-from .models import VAE
+from .models import M1M2, SSVAE, VAE
 from .registry import import_plugins
 
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
@@ -167,6 +167,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def checkpoint_payload(config: Config, model, epoch: int, optimizer, estimator=None) -> dict:
+    """Everything a run continues from: config, weights, optimizer, estimator and RNG states."""
+    payload = {
+        "config": config_lib.to_dict(config),
+        "image_shape": list(model.image_shape),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.get_state(),
+        "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
+        "rng": rng_state(),
+    }
+    if isinstance(model, M1M2):
+        payload["m1"] = {
+            "config": config_lib.to_dict(model.m1.config),
+            "image_shape": list(model.m1.image_shape),
+        }
+    return payload
+
+
 def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
     """The VAE a config describes, for images of ``image_shape``."""
     m = config.model
@@ -182,15 +201,39 @@ def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
     )
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """The trained VAE of a run directory, in eval mode, with its config as ``.config``."""
+def build_model(config: Config, image_shape: tuple[int, ...], m1: VAE | None = None):
+    """The model a config describes: a VAE, or M2, or M1+M2 on top of the VAE ``m1``."""
+    m = config.model
+    if m.kind == "vae":
+        return build_vae(config, image_shape)
+    import_plugins(m.plugins)
+    options = dict(
+        latent_dim=m.latent_dim,
+        hidden=m.hidden,
+        prior=m.prior,
+        likelihood=m.likelihood,
+        guide=m.guide,
+        aux_weight=config.semi.aux_weight,
+    )
+    if m.kind == "m2":
+        return SSVAE(image_shape, **options)
+    return M1M2(m1, **options)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """The trained model of a run directory, in eval mode, with its config as ``.config``."""
     checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_FILE, map_location=device)
     config = config_lib.from_dict(checkpoint["config"])
-    vae = build_vae(config, tuple(checkpoint["image_shape"]))
+    m1 = None
+    if config.model.kind == "m1m2":
+        m1_config = config_lib.from_dict(checkpoint["m1"]["config"])
+        m1 = build_vae(m1_config, tuple(checkpoint["m1"]["image_shape"]))
+        m1.config = m1_config
+    model = build_model(config, tuple(checkpoint["image_shape"]), m1)
     try:
-        vae.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise PyroVAEError(f"checkpoint in {run_dir} does not fit its config ({first})") from None
-    vae.config = config
-    return vae.to(device).eval()
+    model.config = config
+    return model.to(device).eval()

@@ -26,6 +26,7 @@ from . import distributed, evaluate, plots
 from .config import Config, dumps, to_dict, validate
 from .config import load as load_config
 from .data import ImageBatches, load_dataset
+from .divergence import GradientWatch, TrainingDiverged
 from .elbos import estimators, has_bound
 from .errors import PyroVAEError
 from .models import VAE
@@ -37,12 +38,12 @@ from .runs import (
     SUMMARY_FILE,
     append_metrics,
     atomic_write,
-    build_vae,
+    build_model,
     check_run_dir,
+    checkpoint_payload,
     load_checkpoint,
     prepare_run_dir,
     read_metrics,
-    rng_state,
     save_checkpoint,
     set_rng_state,
     write_json,
@@ -69,7 +70,7 @@ class _Setup:
     device: torch.device
     world: distributed.World
     data: ImageBatches
-    vae: VAE
+    vae: VAE  # or, for --model m2 / m1m2, the semi-supervised model
 
 
 def _setup(config: Config) -> _Setup:
@@ -80,15 +81,45 @@ def _setup(config: Config) -> _Setup:
         distributed.check_supported(config.inference.elbo)
         if t.seconds:
             raise PyroVAEError("--seconds is not supported under torchrun (ranks must agree)")
+        if config.model.kind != "vae":
+            raise PyroVAEError(f"--model {config.model.kind} runs in one process, not torchrun")
     dataset = load_dataset(d.dataset, d.data_dir)
+    if config.model.kind != "vae":
+        from . import semi
+
+        semi.split_for(config, dataset)  # refuse an impossible split before the run folder
     data = ImageBatches(dataset, d.binarize, device)
     pyro.set_rng_seed(t.seed)
-    vae = build_vae(config, dataset.image_shape).to(device)
+    m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
+    model = build_model(config, dataset.image_shape, m1).to(device)
     for images in data.all_images():
-        vae.likelihood.check_support(images)
+        try:
+            model.likelihood.check_support(model.features(images) if m1 else images)
+        except PyroVAEError as e:
+            if not m1:
+                raise
+            raise PyroVAEError(
+                f"M1+M2 models the M1 run's latent means, which are real numbers: {e}; "
+                f"use --likelihood gaussian"
+            ) from None
     if world.distributed:  # the same initial model everywhere, different noise per rank
         pyro.set_rng_seed(t.seed + world.rank)
-    return _Setup(device, world, data, vae)
+    return _Setup(device, world, data, model)
+
+
+def _load_m1(config: Config, image_shape: tuple[int, ...]) -> VAE:
+    """The trained VAE an M1+M2 run stacks M2 on, checked against the run's data."""
+    from .runs import load_run
+
+    m1 = load_run(config.semi.m1_run)
+    if m1.config.model.kind != "vae":
+        raise PyroVAEError(f"--m1-run {config.semi.m1_run} is not a VAE run")
+    if m1.config.data.dataset != config.data.dataset or m1.image_shape != image_shape:
+        raise PyroVAEError(
+            f"--m1-run {config.semi.m1_run} was trained on {m1.config.data.dataset}, "
+            f"not on {config.data.dataset}"
+        )
+    return m1
 
 
 def train(
@@ -184,32 +215,6 @@ def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     return SVI(vae.model, vae.guide, optimizer, loss=elbo), optimizer, elbo
 
 
-class TrainingDiverged(PyroVAEError):
-    """A loss or gradient became NaN or infinite; the last good checkpoint is kept."""
-
-
-class _GradientWatch:
-    """Flags a non-finite gradient of any watched parameter, read once per step.
-
-    Backward hooks OR a device-side flag, so watching costs no synchronization
-    beyond the one ``svi.step`` already makes for its loss.
-    """
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.flag = torch.zeros((), dtype=torch.bool, device=params[0].device)
-        self.handles = [p.register_hook(self._check) for p in params]
-
-    def _check(self, grad: torch.Tensor) -> None:
-        self.flag.logical_or_(~torch.isfinite(grad).all())
-
-    def tripped(self) -> bool:
-        return bool(self.flag.item())
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 def _fit(
     config: Config,
     run_dir: Path,
@@ -221,6 +226,19 @@ def _fit(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
+    if config.model.kind != "vae":
+        from . import semi
+
+        return semi.fit(
+            config,
+            run_dir,
+            setup.data,
+            setup.vae,
+            checkpoint=checkpoint,
+            metrics=list(metrics or []),
+            progress=progress,
+            log=log,
+        )
     t, data, vae, world = config.train, setup.data, setup.vae, setup.world
     if not world.is_main:
         log = _silent
@@ -234,7 +252,7 @@ def _fit(
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"])
     reports_bound = has_bound(config.inference.elbo)
-    watch = _GradientWatch(list(vae.parameters()))
+    watch = GradientWatch(list(vae.parameters()))
 
     metrics = list(metrics or [])
     last_saved = checkpoint["epoch"] if checkpoint else 0
@@ -306,18 +324,8 @@ def _fit(
                 )
                 saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
                 if saving and world.is_main:
-                    save_checkpoint(
-                        run_dir,
-                        {
-                            "config": to_dict(config),
-                            "image_shape": list(vae.image_shape),
-                            "epoch": epoch,
-                            "model": vae.state_dict(),
-                            "optimizer": optimizer.get_state(),
-                            "estimator": elbo.state_dict() if hasattr(elbo, "state_dict") else {},
-                            "rng": rng_state(),
-                        },
-                    )
+                    payload = checkpoint_payload(config, vae, epoch, optimizer, elbo)
+                    save_checkpoint(run_dir, payload)
                     last_saved = epoch
                 if out_of_time:
                     log(f"stopping: the {t.seconds:g} s training budget is spent")

@@ -1,4 +1,4 @@
-"""Semi-supervised M2: enumeration over y, labelled and unlabelled sites, accuracy."""
+"""Semi-supervised M2 as a Pyro program: enumeration over y, its sites, components, the split."""
 
 import math
 
@@ -6,9 +6,9 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 
-from pyro_vae import ImageBatches, PyroVAEError, load_dataset
+from pyro_vae import ImageBatches, PyroVAEError, load_dataset, semi
 from pyro_vae.models.ssvae import SSVAE
 
 
@@ -66,3 +66,56 @@ def test_priors_defined_through_the_vae_encoder_are_refused():
     with pytest.raises(PyroVAEError, match="does not apply to M2"):
         SSVAE((8, 8), prior="vamp:5")
     assert math.isfinite(SSVAE((8, 8), prior="mog:3", likelihood="cbernoulli").latent_dim)
+
+
+def test_one_step_holds_an_unlabelled_and_a_labelled_batch_with_the_aux_term(m2, digits):
+    x, labels = digits[0][:6], digits[1][:4]
+    model = poutine.trace(m2.semi_model).get_trace(x, x[:4], one_hot(labels))
+    guide = poutine.trace(m2.semi_guide).get_trace(x, x[:4], one_hot(labels))
+    assert {"unlabelled/z", "unlabelled/y", "unlabelled/x"} <= set(model.nodes)
+    assert {"labelled/z", "labelled/y", "labelled/x", "labelled/y_aux"} <= set(model.nodes)
+    assert not model.nodes["unlabelled/y"]["is_observed"]
+    assert model.nodes["labelled/y"]["is_observed"]
+    assert model.nodes["labelled/y_aux"]["scale"] == m2.aux_weight
+    assert guide.nodes["unlabelled/y"]["infer"]["enumerate"] == "parallel"
+    assert "labelled/y" not in guide.nodes
+    # the step's objective is the sum of its parts, each a Pyro ELBO
+    elbo = TraceEnum_ELBO(max_plate_nesting=1, num_particles=3000, vectorize_particles=True)
+    pyro.set_rng_seed(2)
+    whole = elbo.loss(m2.semi_model, m2.semi_guide, x, x[:4], one_hot(labels))
+    labelled = Trace_ELBO(max_plate_nesting=1, num_particles=3000, vectorize_particles=True)
+    parts = elbo.loss(m2.model, m2.guide, x)
+    parts += labelled.loss(m2.model, m2.guide, x[:4], one_hot(labels))
+    parts += labelled.loss(m2.classifier, m2.empty_guide, x[:4], one_hot(labels))
+    assert whole == pytest.approx(parts, abs=1.0)
+
+
+@pytest.mark.parametrize(
+    "prior, likelihood, guide",
+    [("mog:3", "bernoulli", "lowrank:2"), ("flow:1", "cbernoulli", "iaf:1")],
+)
+def test_m2_takes_the_vae_components_and_learns(prior, likelihood, guide, digits):
+    pyro.set_rng_seed(0)
+    m2 = SSVAE((8, 8), latent_dim=3, hidden=(32,), prior=prior, likelihood=likelihood, guide=guide)
+    svi = SVI(
+        m2.semi_model, m2.semi_guide, pyro.optim.Adam({"lr": 3e-3}), semi.estimator("trace", 1)
+    )
+    x, labels = digits[0][:50], digits[1][:50]
+    losses = [svi.step(x[10:], x[:10], one_hot(labels[:10])) for _ in range(40)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-8:]) < sum(losses[:8])
+
+
+def test_the_split_is_class_balanced_disjoint_and_drawn_with_the_seed():
+    labels = load_dataset("digits").train_labels
+    parts = semi.split(labels, 10, 50, 300, seed=0)
+    assert torch.bincount(labels[parts.labelled], minlength=10).tolist() == [5] * 10
+    assert parts.validation.tolist() == list(range(1200, 1500))
+    every = torch.cat([parts.labelled, parts.unlabelled, parts.validation]).sort().values
+    assert every.tolist() == list(range(1500)), "disjoint and complete"
+    assert semi.split(labels, 10, 50, 300, seed=0).labelled.equal(parts.labelled)
+    assert not semi.split(labels, 10, 50, 300, seed=1).labelled.equal(parts.labelled)
+    with pytest.raises(PyroVAEError, match="multiple of 10"):
+        semi.split(labels, 10, 55, 300, seed=0)
+    with pytest.raises(PyroVAEError, match="no unlabelled"):
+        semi.split(labels, 10, 1200, 300, seed=0)

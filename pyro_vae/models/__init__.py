@@ -1,5 +1,6 @@
-"""Pyro programs built from the components: the VAE (and, later, semi-supervised models)."""
+"""Pyro programs built from the components: the VAE and the semi-supervised M2 and M1+M2."""
 
+from .ssvae import M1M2, SSVAE
 from .vae import VAE
 
-__all__ = ["VAE"]
+__all__ = ["M1M2", "SSVAE", "VAE"]

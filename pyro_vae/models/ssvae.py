@@ -1,10 +1,11 @@
-"""Semi-supervised VAE M2 (Kingma et al. 2014) as a Pyro model and guide.
+"""Semi-supervised VAEs: M2 and M1+M2 (Kingma et al. 2014) as Pyro models and guides.
 
-model: p(y) p(z) p(x|y,z), with y ~ OneHotCategorical, observed when labelled.
-guide: q(y|x) q(z|x,y). For unlabelled images ``TraceEnum_ELBO`` sums over y
-exactly (parallel enumeration of the guide's y site); ``classifier`` adds the
-auxiliary term alpha * log q(y|x) on labelled images. Prior, likelihood and
-guide family are the same components the VAE uses, chosen by the same specs.
+M2's model is p(y) p(z) p(x|y,z) with y ~ OneHotCategorical, observed when
+labelled; its guide is q(y|x) q(z|x,y). For unlabelled images ``TraceEnum_ELBO``
+sums over y exactly (parallel enumeration of the guide's y site), and
+``classifier`` adds the auxiliary term alpha * log q(y|x) on labelled images.
+Prior, likelihood and guide family are the components the VAE uses, chosen by
+the same specs. M1+M2 runs M2 on the latent means of a trained, frozen VAE (M1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.contrib.autoname import scope
 from torch import nn
 
 from ..errors import PyroVAEError
@@ -23,8 +25,8 @@ from ..guides import guides
 from ..likelihoods import likelihoods
 from ..nets import mlp
 from ..priors import priors
-
-PYRO_NAME = "ssvae"
+from .base import PyroProgram
+from .vae import VAE
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
@@ -33,11 +35,11 @@ def _cat(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.expand(*lead, t.shape[-1]) for t in tensors], dim=-1)
 
 
-class SSVAE(nn.Module):
+class SSVAE(PyroProgram):
     """M2: a VAE whose latent code is (y, z), y the class, z the style.
 
     Args:
-        image_shape: shape of one image; data arrive flattened.
+        image_shape: shape of one input; inputs arrive flattened.
         num_classes: number of classes of y.
         latent_dim: size of z.
         hidden: hidden sizes of the three MLPs (classifier q(y|x), encoder q(z|x,y)
@@ -46,6 +48,8 @@ class SSVAE(nn.Module):
             (priors defined through the encoder, the VampPrior, do not apply).
         aux_weight: alpha of the auxiliary classification loss.
     """
+
+    pyro_name = "ssvae"
 
     def __init__(
         self,
@@ -75,21 +79,21 @@ class SSVAE(nn.Module):
         self.decoder = mlp([latent_dim + num_classes, *reversed(hidden), self.likelihood.param_dim])
         self.register_buffer("class_logits", torch.zeros(num_classes))  # uniform p(y)
 
-    def _register(self) -> None:
-        pyro.module(PYRO_NAME, self)
+    def model_modules(self) -> tuple[nn.Module, ...]:
+        return (self.decoder, self.likelihood, self.prior)
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, plate: str = "data") -> None:
         """p(y) p(z) p(x|y,z); ``y`` one-hot labels, or None for unlabelled images."""
-        self._register()
-        with pyro.plate("data", x.shape[0]):
+        self.register("model")
+        with pyro.plate(plate, x.shape[0]):
             z = pyro.sample("z", self.prior())
             y = pyro.sample("y", dist.OneHotCategorical(logits=self.class_logits), obs=y)
             pyro.sample("x", self.likelihood(self.decoder(_cat(z, y))), obs=x)
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, plate: str = "data") -> None:
         """q(y|x) q(z|x,y); y is sampled (enumerated by TraceEnum_ELBO) only when unlabelled."""
-        self._register()
-        with pyro.plate("data", x.shape[0]):
+        self.register("guide")
+        with pyro.plate(plate, x.shape[0]):
             if y is None:
                 y = pyro.sample(
                     "y",
@@ -98,16 +102,113 @@ class SSVAE(nn.Module):
                 )
             pyro.sample("z", self.posterior(self.encoder(_cat(x, y))))
 
-    def classifier(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def classifier(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
         """The auxiliary model: alpha * log q(y|x) on labelled images (its guide is empty)."""
-        self._register()
-        with pyro.plate("data", x.shape[0]), pyro.poutine.scale(scale=self.aux_weight):
+        self.register("guide")
+        with pyro.plate(plate, x.shape[0]), pyro.poutine.scale(scale=self.aux_weight):
             pyro.sample("y_aux", dist.OneHotCategorical(logits=self.classifier_net(x)), obs=y)
 
-    def empty_guide(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def empty_guide(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
         """The guide of ``classifier``: it has no latent variables."""
 
+    def semi_model(
+        self,
+        x: torch.Tensor,
+        x_labelled: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> None:
+        """Kingma et al.'s objective in one program: an unlabelled and, maybe, a labelled batch.
+
+        ELBO(x) with y summed out, plus ELBO(x_labelled, y) plus alpha * log q(y|x_labelled).
+        Sites are named ``unlabelled/...`` and ``labelled/...``.
+        """
+        with scope(prefix="unlabelled"):
+            self.model(x, plate="unlabelled")
+        if x_labelled is not None:
+            with scope(prefix="labelled"):
+                self.model(x_labelled, y, plate="labelled")
+                self.classifier(x_labelled, y, plate="labelled_aux")
+
+    def semi_guide(
+        self,
+        x: torch.Tensor,
+        x_labelled: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> None:
+        """The guide of ``semi_model``."""
+        with scope(prefix="unlabelled"):
+            self.guide(x, plate="unlabelled")
+        if x_labelled is not None:
+            with scope(prefix="labelled"):
+                self.guide(x_labelled, y, plate="labelled")
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What M2 models, from flattened images: the images themselves."""
+        return images
+
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The most probable class under q(y|x), as indices."""
-        return self.classifier_net(x).argmax(-1)
+        return self.classifier_net(self.features(images)).argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Means of p(x|y,z) for latent codes ``z`` (N, latent_dim) and class indices ``y`` (N,)."""
+        one_hot = nn.functional.one_hot(y, self.num_classes).to(z)
+        return self.likelihood(self.decoder(torch.cat([z, one_hot], -1))).mean
+
+    @torch.no_grad()
+    def style(self, images: torch.Tensor) -> torch.Tensor:
+        """z of each image: the mean of q(z|x, y) at the predicted y (a draw for flows)."""
+        x = self.features(images)
+        y = nn.functional.one_hot(self.classifier_net(x).argmax(-1), self.num_classes).to(x)
+        q = self.posterior(self.encoder(torch.cat([x, y], -1)))
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample()
+
+    def image(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Images from what ``decode`` returns: the same for M2."""
+        return decoded
+
+    @torch.no_grad()
+    def generate(self, n: int) -> torch.Tensor:
+        """``n`` images, row by row of ``num_classes``: row r has class r (mod the classes),
+        column c the style z_c ~ p(z), shared down the column. Shape (n, D)."""
+        k = self.num_classes
+        z = self.prior().sample((k,))
+        i = torch.arange(n, device=z.device)
+        return self.image(self.decode(z[i % k], (i // k) % k))
+
+
+class M1M2(SSVAE):
+    """Kingma et al.'s stacked model: M2 over the latent means of a trained VAE, M1.
+
+    M1 is frozen and outside Pyro's param store: M2 sees ``features(images)``, the
+    mean of M1's q(z1|x), and pictures go back through M1's decoder.
+    """
+
+    pyro_name = "m1m2"
+
+    def __init__(self, m1: VAE, **m2_options: Any):
+        super().__init__((m1.latent_dim,), **m2_options)
+        self.m1 = m1.requires_grad_(False).eval()
+        self.image_shape = m1.image_shape
+
+    def train(self, mode: bool = True) -> M1M2:
+        super().train(mode)
+        self.m1.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        q = self.m1.encode(images)
+        try:
+            return q.mean
+        except NotImplementedError:  # flows have no closed-form mean
+            return q.sample()
+
+    @torch.no_grad()
+    def image(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.m1.likelihood(self.m1.decoder(decoded)).mean

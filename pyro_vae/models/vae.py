@@ -20,12 +20,13 @@ from ..guides import guides
 from ..likelihoods import likelihoods
 from ..nets import architectures
 from ..priors import priors
+from .base import PyroProgram
 
 PYRO_NAME = "vae"
 """The name under which a VAE's parameters live in Pyro's param store."""
 
 
-class VAE(nn.Module):
+class VAE(PyroProgram):
     """Variational autoencoder (Kingma & Welling 2014) as a Pyro program.
 
     Args:
@@ -35,6 +36,8 @@ class VAE(nn.Module):
         prior, likelihood, guide, arch: spec strings (``"normal"``, ``"bernoulli"``,
             ...) or ready-made component objects.
     """
+
+    pyro_name = PYRO_NAME
 
     def __init__(
         self,
@@ -60,7 +63,6 @@ class VAE(nn.Module):
             encoder_out=self.posterior.param_dim,
             decoder_out=self.likelihood.param_dim,
         )
-        self._param_lists: dict[str, list[tuple[str, torch.Tensor]]] | None = None
         # Built last: a prior may be defined through the encoder (the VampPrior).
         self.prior = priors.build(
             prior, latent_dim=latent_dim, data_dim=self.data_dim, encode=self.encode
@@ -70,40 +72,9 @@ class VAE(nn.Module):
         """q(z|x) for a batch of flattened images, as a distribution of batch shape (B,)."""
         return self.posterior(self.encoder(x))
 
-    def _pyro_params(self, part: str) -> list[tuple[str, torch.Tensor]]:
-        """Param-store names and tensors of the model's or the guide's parameters, cached.
-
-        The model owns the decoder, likelihood and prior; the guide everything else
-        (the encoder and the guide family). ``.to()`` and ``load_state_dict`` keep
-        these tensors, so the lists are built once.
-        """
-        if self._param_lists is None:
-            model_modules = (self.decoder, self.likelihood, self.prior)
-            in_model = {id(p) for m in model_modules for p in m.parameters()}
-            named = [
-                (f"{PYRO_NAME}$$${n}", p) for n, p in self.named_parameters() if p.requires_grad
-            ]
-            self._param_lists = {
-                "model": [(n, p) for n, p in named if id(p) in in_model],
-                "guide": [(n, p) for n, p in named if id(p) not in in_model],
-            }
-        return self._param_lists[part]
-
-    def register(self, part: str) -> None:
-        """Register the model's or the guide's parameters with Pyro, as ``pyro.module`` would.
-
-        ``pyro.module`` keeps whatever tensors were first registered under a name, so
-        a second VAE in the same process would silently have SVI step the first
-        one's parameters. Entries that are not ours are evicted first.
-        """
-        params = self._pyro_params(part)
-        store = pyro.get_param_store()
-        if any(name not in store or store[name] is not p for name, p in params):
-            for name, _ in params:
-                if name in store:
-                    del store[name]
-        for name, p in params:
-            pyro.param(name, p)
+    def model_modules(self) -> tuple[nn.Module, ...]:
+        """The decoder, likelihood and prior: p(z) p(x|z); the encoder side is the guide's."""
+        return (self.decoder, self.likelihood, self.prior)
 
     def model(self, x: torch.Tensor) -> None:
         """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D)."""

@@ -1,0 +1,144 @@
+"""Semi-supervised training end to end: CLI, per-epoch accuracy, pictures, M1+M2, resume."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from pyro_vae import ImageBatches, evaluate_run, load_dataset, load_run, semi, train
+from pyro_vae.cli import main
+from pyro_vae.nets import mlp
+from pyro_vae.runs import load_checkpoint, read_metrics
+from pyro_vae.train import resume
+
+from .helpers import small_config
+
+SMALL = ["--hidden", "64", "--latent-dim", "4", "--batch-size", "100", "--quiet"]
+
+
+def quiet(_):
+    pass
+
+
+def m2_config(**train_fields):
+    return small_config(model={"kind": "m2"}, train={"epochs": 2, **train_fields})
+
+
+def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_path, capsys):
+    run = tmp_path / "m2"
+    assert main(["train", "--model", "m2", "--epochs", "2", "--out", str(run), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "100 labelled, 1100 unlabelled, 300 validation images" in out
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert 0 <= m["validation_accuracy"] <= 1 and 0 <= m["test_accuracy"] <= 1
+        assert m["test_elbo"] < 0
+    for name in ("conditional_samples.png", "analogies.png", "accuracy.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["evaluate", str(run)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_accuracy"] == metrics[-1]["test_accuracy"], "same model, same test set"
+    assert evaluated["test_elbo"] == pytest.approx(metrics[-1]["test_elbo"], abs=1.0)
+    assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
+    config = m2_config()
+    config.model.prior, config.model.likelihood = "mog:3", "cbernoulli"
+    summary = train(config, tmp_path / "r", progress=False, log=quiet)
+    model = load_run(tmp_path / "r")
+    assert type(model.prior).__name__ == "MixtureOfGaussiansPrior"
+    assert math.isfinite(summary["test_elbo"]) and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_m2_two_epochs_then_resume_two_equals_four_straight(tmp_path):
+    train(m2_config(epochs=4), tmp_path / "a", progress=False, log=quiet)
+    train(m2_config(epochs=2), tmp_path / "b", progress=False, log=quiet)
+    resume(tmp_path / "b", epochs=4, progress=False, log=quiet)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_m1m2_stacks_m2_on_a_trained_vae_and_keeps_it_in_its_checkpoint(trained_run, tmp_path):
+    m1 = tmp_path / "m1"
+    shutil.copytree(trained_run, m1)
+    config = m2_config()
+    config.model.kind, config.model.likelihood, config.semi.m1_run = "m1m2", "gaussian", str(m1)
+    summary = train(config, tmp_path / "m1m2", progress=False, log=quiet)
+    shutil.rmtree(m1)  # the run no longer needs M1's folder
+    model = load_run(tmp_path / "m1m2")
+    assert model.data_dim == 8, "M2 models M1's 8 latent means"
+    assert model.generate(10).shape == (10, 64), "pictures go back through M1's decoder"
+    evaluated = evaluate_run(tmp_path / "m1m2")
+    assert evaluated["test_accuracy"] == summary["test_accuracy"]
+    assert (tmp_path / "m1m2" / "analogies.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "m1m2"], "needs --m1-run"),
+        (["--model", "m2", "--labeled", "55"], "multiple of 10"),
+        (["--model", "m2", "--labeled", "1200"], "no unlabelled"),
+        (["--model", "m2", "--elbo", "iwae:5"], "does not run m2"),
+        (["--model", "m2", "--prior", "vamp:10"], "does not apply to M2"),
+        (["--model", "m2", "--arch", "conv"], "built of MLPs"),
+        (["--model", "m3"], "unknown model"),
+        (["--model", "m2", "--m1-run", "x"], "is for --model m1m2"),
+    ],
+)
+def test_bad_semi_supervised_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    assert main(["train", *args, "--out", str(tmp_path / "r"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists(), "no half-written run directory"
+
+
+def test_m1m2_refuses_a_bernoulli_likelihood_and_an_m1_of_other_data(trained_run, tmp_path, capsys):
+    args = ["train", "--model", "m1m2", "--m1-run", str(trained_run), *SMALL]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "use --likelihood gaussian" in capsys.readouterr().err
+    other = ["--dataset", "mnist", "--data-dir", str(tmp_path), "--likelihood", "gaussian"]
+    assert main([*args, *other, "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def labels_alone(data, parts, seed: int, hidden: int, steps: int) -> float:
+    """Test accuracy of M2's classifier net trained on the labelled images alone, as in M2:
+    every step the whole labelled set, binarized afresh; Adam at the same rate."""
+    torch.manual_seed(seed)
+    net = mlp([data.train_images.shape[1], hidden, 10])
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    labels = data.dataset.train_labels[parts.labelled]
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(data.batch(parts.labelled)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = net(data.test_images).argmax(-1)
+    return (predicted == data.dataset.test_labels).float().mean().item()
+
+
+def test_m2_on_digits_with_100_labels_beats_its_classifier_trained_on_the_labels_alone(tmp_path):
+    data = ImageBatches(load_dataset("digits"), "dynamic")
+    gains = []
+    for seed in range(3):
+        config = small_config(
+            model={"kind": "m2", "latent_dim": 8, "hidden": [400]},
+            semi={"aux_weight": 5.0},
+            train={"epochs": 60, "seed": seed, "batch_size": 128, "validate": False},
+        )
+        summary = train(config, tmp_path / f"m2-{seed}", progress=False, log=quiet)
+        parts = semi.split_for(config, data.dataset)
+        steps = 60 * math.ceil(len(parts.unlabelled) / 128)
+        gains.append(summary["test_accuracy"] - labels_alone(data, parts, seed, 400, steps))
+    print("accuracy gains of M2 over its classifier on the labels alone:", gains)
+    assert min(gains) >= 0, gains
+    assert sum(gains) / len(gains) > 0.005, gains
