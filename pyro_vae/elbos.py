@@ -187,6 +187,14 @@ def _is_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
+def data_scale(trace: poutine.Trace) -> float:
+    """The scale Pyro gives the observed data: dataset size / batch size for a minibatch."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            return site["scale"]
+    return 1.0
+
+
 def log_density(trace: poutine.Trace) -> torch.Tensor:
     """Sum of the log-densities of a trace's sample sites, broadcast over batch dims."""
     total = torch.zeros(())
@@ -196,7 +204,9 @@ def log_density(trace: poutine.Trace) -> torch.Tensor:
     return total
 
 
-def vectorized_traces(model, guide, num_samples: int, plate_dim: int, *args, leaves=False):
+def vectorized_traces(
+    model, guide, num_samples: int, plate_dim: int, *args, leaves=False, **kwargs
+):
     """Guide and replayed model traces for ``num_samples`` draws per datum, vectorized.
 
     The draws sit in a plate at ``plate_dim`` left of the model's own plates. With
@@ -205,13 +215,15 @@ def vectorized_traces(model, guide, num_samples: int, plate_dim: int, *args, lea
     """
     attached = {}
     with pyro.plate("importance_samples", num_samples, dim=plate_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if leaves:
             for name, site in guide_trace.nodes.items():
                 if _is_latent(site):
                     attached[name] = site["value"]
                     site["value"] = site["value"].detach().requires_grad_()
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
     return model_trace, guide_trace, attached
 
 
@@ -229,20 +241,22 @@ class DReG_ELBO(ELBO):
     def __init__(self, num_particles: int):
         super().__init__(num_particles=num_particles, max_plate_nesting=_PLATES)
 
-    def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace, _ = vectorized_traces(
-            model, guide, self.num_particles, -1 - self.max_plate_nesting, *args
+    def _traces(self, model, guide, args, kwargs, leaves=False):
+        plate_dim = -1 - self.max_plate_nesting
+        return vectorized_traces(
+            model, guide, self.num_particles, plate_dim, *args, leaves=leaves, **kwargs
         )
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace, _ = self._traces(model, guide, args, kwargs)
         return model_trace, guide_trace
 
     def _bound(self, log_w: torch.Tensor) -> torch.Tensor:
         return (log_w.logsumexp(0) - math.log(self.num_particles)).sum()
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        """-bound in value, with DReG gradients."""
-        model_trace, guide_trace, attached = vectorized_traces(
-            model, guide, self.num_particles, -1 - self.max_plate_nesting, *args, leaves=True
-        )
+        """-bound in value, with DReG gradients; scaled like the data plate (a minibatch of N)."""
+        model_trace, guide_trace, attached = self._traces(model, guide, args, kwargs, True)
         log_p = log_density(model_trace)
         log_w = log_p - log_density(guide_trace)
         weights = torch.softmax(log_w.detach(), dim=0)
@@ -256,14 +270,14 @@ class DReG_ELBO(ELBO):
         for z, g in zip(attached.values(), grads, strict=True):
             if g is not None:
                 surrogate = surrogate + (g.detach() * z).sum()
-        return -(surrogate - surrogate.detach() + self._bound(log_w).detach())
+        scale = data_scale(model_trace)
+        return -scale * (surrogate - surrogate.detach() + self._bound(log_w).detach())
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            model_trace, guide_trace, _ = vectorized_traces(
-                model, guide, self.num_particles, -1 - self.max_plate_nesting, *args
-            )
-            return -self._bound(log_density(model_trace) - log_density(guide_trace)).item()
+            model_trace, guide_trace, _ = self._traces(model, guide, args, kwargs)
+            bound = self._bound(log_density(model_trace) - log_density(guide_trace))
+            return -data_scale(model_trace) * bound.item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)

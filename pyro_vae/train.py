@@ -245,7 +245,7 @@ def _fit(
     where = f"{setup.device}, {world.size} processes" if world.distributed else f"{setup.device}"
     log(f"training on {config.data.dataset} ({data.num_train} images, {where}) -> {run_dir}")
     svi, optimizer, elbo = make_svi(vae, config)
-    step_fn = _ddp_step(vae, optimizer, elbo) if world.distributed else svi.step
+    step_fn = _ddp_step(vae, optimizer, elbo, data.num_train) if world.distributed else svi.step
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -371,8 +371,13 @@ def _sharded(world, measure, vae, images, device, *args) -> float:
     return total / count
 
 
-def _ddp_step(vae: VAE, optimizer: Adam, elbo: ELBO) -> Callable[[torch.Tensor], float]:
-    """One step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP."""
+def _ddp_step(vae: VAE, optimizer: Adam, elbo: ELBO, size: int) -> Callable[[torch.Tensor], float]:
+    """One step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP.
+
+    The plate's size is the training set's, so each rank's loss estimates the
+    ELBO of the whole dataset and DDP's average of the ranks' gradients is its
+    gradient. The step returns the loss of this rank's batch alone, for the metrics.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     loss_module = elbo(distributed.Program(vae, "model"), distributed.Program(vae, "guide"))
@@ -380,10 +385,10 @@ def _ddp_step(vae: VAE, optimizer: Adam, elbo: ELBO) -> Callable[[torch.Tensor],
     params = [p for p in vae.parameters() if p.requires_grad]
 
     def step(x: torch.Tensor) -> float:
-        loss = ddp(x)
+        loss = ddp(x, size=size)
         loss.backward()
         optimizer(params)
-        return loss.item()
+        return loss.item() * len(x) / size
 
     return step
 

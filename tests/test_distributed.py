@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import pyro
 import pytest
 
-from pyro_vae import PyroVAEError, train
+from pyro_vae import VAE, ImageBatches, PyroVAEError, distributed, estimators, load_dataset, train
 from pyro_vae.runs import read_metrics
 
 from .helpers import small_config
@@ -50,8 +51,21 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
 
 
 def test_estimators_without_a_differentiable_loss_are_refused_under_torchrun(monkeypatch):
-    from pyro_vae import distributed
-
     monkeypatch.setattr(distributed, "init", lambda device: distributed.World(0, 2))
     with pytest.raises(PyroVAEError, match="cannot run under torchrun"):
         train(small_config(inference={"elbo": "iwae:5"}), "unused", log=lambda _: None)
+
+
+@pytest.mark.parametrize("spec", list(distributed.SUPPORTED[:3]) + ["dreg:3"])
+def test_a_minibatch_of_the_dataset_scales_the_loss_to_the_dataset(spec):
+    """Under torchrun the plate has the dataset's size: loss(x, size=N) = N/B loss(x)."""
+    data = ImageBatches(load_dataset("digits"), "static")
+    x, size = data.test_images[:32], data.num_train
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    elbo = estimators.build(spec, num_particles=1, data_dim=64)
+    losses = []
+    for kwargs in ({}, {"size": size}):
+        pyro.set_rng_seed(1)
+        losses.append(elbo.differentiable_loss(vae.model, vae.guide, x, **kwargs).item())
+    assert losses[1] == pytest.approx(losses[0] * size / len(x), rel=1e-5)

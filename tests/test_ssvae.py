@@ -119,3 +119,23 @@ def test_the_split_is_class_balanced_disjoint_and_drawn_with_the_seed():
         semi.split(labels, 10, 55, 300, seed=0)
     with pytest.raises(PyroVAEError, match="no unlabelled"):
         semi.split(labels, 10, 1200, 300, seed=0)
+
+
+def test_the_readme_model_with_a_learned_class_prior_trains(digits):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (snippet,) = [b for b in blocks if "class LearnedClassPrior" in b]
+    namespace = {}
+    exec(snippet, namespace)
+    pyro.set_rng_seed(0)
+    m2 = namespace["LearnedClassPrior"]((8, 8), latent_dim=3, hidden=(32,))
+    svi = SVI(
+        m2.semi_model, m2.semi_guide, pyro.optim.Adam({"lr": 1e-2}), semi.estimator("trace", 1)
+    )
+    x, labels = digits[0][:50], digits[1][:50]
+    losses = [svi.step(x[10:], x[:10], one_hot(labels[:10])) for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+    assert m2.class_prior.logits.abs().sum() > 0, "p(y) was learned"

@@ -29,7 +29,7 @@ from .base import PyroProgram
 from .vae import VAE
 
 
-def _cat(*tensors: torch.Tensor) -> torch.Tensor:
+def broadcast_cat(*tensors: torch.Tensor) -> torch.Tensor:
     """Concatenate along the last dim after broadcasting the leading (batch, enum) dims."""
     lead = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
     return torch.cat([t.expand(*lead, t.shape[-1]) for t in tensors], dim=-1)
@@ -88,7 +88,7 @@ class SSVAE(PyroProgram):
         with pyro.plate(plate, x.shape[0]):
             z = pyro.sample("z", self.prior())
             y = pyro.sample("y", dist.OneHotCategorical(logits=self.class_logits), obs=y)
-            pyro.sample("x", self.likelihood(self.decoder(_cat(z, y))), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(broadcast_cat(z, y))), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, plate: str = "data") -> None:
         """q(y|x) q(z|x,y); y is sampled (enumerated by TraceEnum_ELBO) only when unlabelled."""
@@ -100,7 +100,7 @@ class SSVAE(PyroProgram):
                     dist.OneHotCategorical(logits=self.classifier_net(x)),
                     infer={"enumerate": "parallel"},
                 )
-            pyro.sample("z", self.posterior(self.encoder(_cat(x, y))))
+            pyro.sample("z", self.posterior(self.encoder(broadcast_cat(x, y))))
 
     def classifier(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
         """The auxiliary model: alpha * log q(y|x) on labelled images (its guide is empty)."""

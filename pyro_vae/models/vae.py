@@ -76,17 +76,27 @@ class VAE(PyroProgram):
         """The decoder, likelihood and prior: p(z) p(x|z); the encoder side is the guide's."""
         return (self.decoder, self.likelihood, self.prior)
 
-    def model(self, x: torch.Tensor) -> None:
-        """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D)."""
+    def _plate(self, x: torch.Tensor, size: int | None):
+        """The data plate; given the dataset's ``size``, a minibatch scaled to the whole of it."""
+        if size is None:
+            return pyro.plate("data", x.shape[0])
+        return pyro.plate("data", size, subsample=torch.arange(x.shape[0], device=x.device))
+
+    def model(self, x: torch.Tensor, size: int | None = None) -> None:
+        """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D).
+
+        ``size``: the number of images ``x`` is a minibatch of. Pyro then scales every
+        log-density by size / B, so the ELBO estimates that of the whole dataset.
+        """
         self.register("model")
-        with pyro.plate("data", x.shape[0]):
+        with self._plate(x, size):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, size: int | None = None) -> None:
         """q(z|x), amortized by the encoder."""
         self.register("guide")
-        with pyro.plate("data", x.shape[0]):
+        with self._plate(x, size):
             pyro.sample("z", self.encode(x))
 
     @torch.no_grad()
