@@ -24,7 +24,7 @@ m2 = SSVAE((8, 8), latent_dim=8, hidden=(400,), prior="normal", aux_weight=5.0)
 # One step: an unlabelled batch (y summed out by enumeration) + the labelled images.
 svi = SVI(m2.semi_model, m2.semi_guide, Adam({"lr": 1e-3}), TraceEnum_ELBO(max_plate_nesting=1))
 
-for epoch in range(60):
+for _ in range(60):  # epochs
     order = parts.unlabelled[torch.randperm(len(parts.unlabelled))]
     for x in data.train_batches(128, order):
         svi.step(x, data.batch(parts.labelled), y)

@@ -8,6 +8,8 @@ expectation rises towards log p(x) with K and is never below the ELBO.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import time
@@ -21,6 +23,30 @@ from pyro.infer import Trace_ELBO
 from .elbos import log_density, vectorized_traces
 from .errors import PyroVAEError
 from .models import VAE
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free blocks back to the operating system.
+
+    glibc serves allocations below its (adaptive) mmap threshold from the heap and
+    keeps what is freed there; chunk after chunk of 17-34 MB tensors of varying
+    shape then grew the resident set of a K=5000 evaluation past 2.5 GB on 1,000
+    images. Trimming after each chunk keeps it near the live tensors' size.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 MAX_ELEMENTS = 1 << 23
 """Bound on particles x images x widest layer per forward pass (~32 MB of float32)."""
@@ -73,10 +99,12 @@ def log_likelihood(
     chunk = max(1, min(num_samples, max_elements // (width * batch)))
     total = 0.0
     for xb in x.split(batch):
-        parts = [
-            torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
-            for start in range(0, num_samples, chunk)
-        ]
+        parts = []
+        for start in range(0, num_samples, chunk):
+            parts.append(
+                torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
+            )
+            release_freed_memory()
         per_image = torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
         total += per_image.sum().item()
     return total / len(x)
