@@ -76,11 +76,22 @@ class VAE(PyroProgram):
         """The decoder, likelihood and prior: p(z) p(x|z); the encoder side is the guide's."""
         return (self.decoder, self.likelihood, self.prior)
 
-    def _plate(self, x: torch.Tensor, size: int | None):
-        """The data plate; given the dataset's ``size``, a minibatch scaled to the whole of it."""
-        if size is None:
-            return pyro.plate("data", x.shape[0])
-        return pyro.plate("data", size, subsample=torch.arange(x.shape[0], device=x.device))
+    def _plate(self, part: str, x: torch.Tensor, size: int | None) -> pyro.plate:
+        """The data plate; given the dataset's ``size``, a minibatch scaled to the whole of it.
+
+        Built once per (part, batch size, dataset size, device) and then re-entered, as
+        Pyro lets a model reuse a plate: building one sends its subsample site through
+        the effect-handler stack, which cost about 2 % of a training step at batch 128.
+        """
+        key = (part, x.shape[0], size, x.device)
+        plates = self.__dict__.setdefault("_plates", {})
+        if key not in plates:
+            if size is None:
+                plates[key] = pyro.plate("data", x.shape[0])
+            else:
+                subsample = torch.arange(x.shape[0], device=x.device)
+                plates[key] = pyro.plate("data", size, subsample=subsample)
+        return plates[key]
 
     def model(self, x: torch.Tensor, size: int | None = None) -> None:
         """p(z) p(x|z) for a batch of flattened images ``x`` of shape (B, D).
@@ -89,14 +100,14 @@ class VAE(PyroProgram):
         log-density by size / B, so the ELBO estimates that of the whole dataset.
         """
         self.register("model")
-        with self._plate(x, size):
+        with self._plate("model", x, size):
             z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, size: int | None = None) -> None:
         """q(z|x), amortized by the encoder."""
         self.register("guide")
-        with self._plate(x, size):
+        with self._plate("guide", x, size):
             pyro.sample("z", self.encode(x))
 
     @torch.no_grad()
