@@ -38,7 +38,7 @@ def test_set_overrides_parse_values_by_field_type():
 @pytest.mark.parametrize(
     "assignment, message",
     [
-        ("model.foo=1", "unknown config key model.foo; valid keys: arch, hidden"),
+        ("model.foo=1", "unknown config key model.foo; valid keys: kind, arch, hidden"),
         ("nope.epochs=1", "unknown config section 'nope'"),
         ("train.epochs=many", "train.epochs must be of type int"),
         ("train.epochs", "--set needs section.key=value"),
