@@ -1,6 +1,7 @@
 """Importance-sampled log p(x) with K=5000 on the 10,000 MNIST test images: time and memory.
 
     python benchmarks/evaluate_speed.py --data-dir ../shared/data [--run R] [--iw-samples 5000]
+        [--images 10000]
 
 Trains a 1-epoch default model first unless --run names a trained run directory.
 Peak memory is the process's maximum resident set size (ru_maxrss) after the
@@ -27,6 +28,7 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--run", default=None)
     parser.add_argument("--iw-samples", type=int, default=5000)
+    parser.add_argument("--images", type=int, default=10_000, help="the first N test images")
     args = parser.parse_args()
 
     run = args.run
@@ -37,7 +39,7 @@ def main():
         config.train.epochs, config.inference.iw_samples = 1, 1
         train(config, run, progress=False, log=lambda _: None)
     vae = load_run(run)
-    test = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic").test_images
+    test = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic").test_images[: args.images]
     before = peak_mb()
     pyro.set_rng_seed(0)
     start = time.perf_counter()
