@@ -304,6 +304,8 @@ def _validate_semi(config: Config) -> None:
         )
     if m.arch != "mlp":
         raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
+    if config.train.seconds:
+        raise PyroVAEError(f"--seconds is for VAE runs; give --model {m.kind} --epochs")
     if m.kind == "m1m2" and not config.semi.m1_run:
         raise PyroVAEError("--model m1m2 needs --m1-run RUN_DIR, a VAE run trained on the data")
     if m.kind == "m2" and config.semi.m1_run:

@@ -163,13 +163,12 @@ def fit(
     """The semi-supervised loop: SVI steps by epoch, accuracy and a checkpoint per epoch."""
     t, dataset = config.train, data.dataset
     parts = split_for(config, dataset)
+    device = data.train_images.device
     y_labelled = torch.nn.functional.one_hot(
         dataset.train_labels[parts.labelled], dataset.num_classes
-    ).to(data.train_images.device, torch.float)
-    labelled_index = parts.labelled.to(data.train_images.device)
-    validation = (data.fixed(parts.validation), dataset.train_labels[parts.validation])
-    device = data.test_images.device
-    validation = (validation[0], validation[1].to(device))
+    ).to(device, torch.float)
+    labelled_index = parts.labelled.to(device)
+    validation = (data.fixed(parts.validation), dataset.train_labels[parts.validation].to(device))
     test = (data.test_images, dataset.test_labels.to(device))
     log(
         f"training {config.model.kind} on {config.data.dataset}: {len(parts.labelled)} labelled, "
