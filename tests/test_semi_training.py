@@ -46,6 +46,13 @@ def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_pat
     assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "s.png")]) == 0
 
 
+def test_m2_trains_with_the_jitted_enumerating_elbo(tmp_path):
+    config = m2_config(epochs=1)
+    config.inference.elbo = "jit-trace"
+    summary = train(config, tmp_path / "r", progress=False, log=quiet)
+    assert math.isfinite(summary["test_elbo"]) and 0 <= summary["test_accuracy"] <= 1
+
+
 def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
     config = m2_config()
     config.model.prior, config.model.likelihood = "mog:3", "cbernoulli"
