@@ -14,6 +14,7 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from .distributions import DiagonalNormal
 from .registry import Arg, Registry
 
 guides = Registry("guide")
@@ -24,7 +25,8 @@ class DiagonalNormalGuide(nn.Module):
     """q(z|x) = N(mu(x), diag(sigma(x)^2)), the encoder of Kingma & Welling 2014.
 
     The encoder emits mu and log sigma; exp keeps sigma positive as in Pyro's
-    and NumPyro's VAE examples.
+    and NumPyro's VAE examples. ``DiagonalNormal`` is Pyro's Normal, scoring its
+    own draws from the noise it drew (see ``pyro_vae.distributions``).
     """
 
     def __init__(self, latent_dim: int):
@@ -33,7 +35,7 @@ class DiagonalNormalGuide(nn.Module):
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         loc, log_scale = params.chunk(2, dim=-1)
-        return dist.Normal(loc, log_scale.exp()).to_event(1)
+        return DiagonalNormal(loc, log_scale).to_event(1)
 
 
 @guides.register("lowrank", Arg("R"))
@@ -81,5 +83,5 @@ class IAFGuide(nn.Module):
     def forward(self, params: torch.Tensor) -> dist.Distribution:
         L = self.latent_dim
         loc, log_scale, context = params.split([L, L, self.context_dim], dim=-1)
-        base = dist.Normal(loc, log_scale.exp()).to_event(1)
+        base = DiagonalNormal(loc, log_scale).to_event(1)
         return dist.TransformedDistribution(base, [f.condition(context) for f in self.flows])

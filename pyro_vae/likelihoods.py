@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from .distributions import IndependentBernoulli
 from .errors import PyroVAEError
 from .registry import Registry
 
@@ -36,7 +37,7 @@ class BernoulliLikelihood(nn.Module):
         self.param_dim = data_dim
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+        return IndependentBernoulli(logits, validate_args=False)
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval("bernoulli", x)

@@ -15,6 +15,7 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from .distributions import StandardNormal
 from .registry import Arg, Registry
 
 priors = Registry("prior")
@@ -31,7 +32,7 @@ class StandardNormalPrior(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return StandardNormal(self.loc, self.scale).to_event(1)
 
 
 @priors.register("normal-learned")
@@ -164,5 +165,5 @@ class FlowPrior(nn.Module):
         self.flows = nn.ModuleList(T.affine_autoregressive(latent_dim) for _ in range(N))
 
     def forward(self) -> dist.Distribution:
-        base = dist.Normal(self.loc, self.scale).to_event(1)
+        base = StandardNormal(self.loc, self.scale).to_event(1)
         return dist.TransformedDistribution(base, [flow.inv for flow in self.flows])

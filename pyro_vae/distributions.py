@@ -1,0 +1,113 @@
+"""Pyro's Normal and Bernoulli, with cheaper log-densities and the same values.
+
+Trace_ELBO scores the guide's sample under the guide: log q(z|x) at the very z
+that ``rsample`` just drew as loc + scale * eps. There (z - loc) / scale is eps
+itself, so log q(z) = -eps^2/2 - log scale - log sqrt(2 pi): the same value, and
+the same gradient, since this expression and the textbook one are the same
+function of (loc, log scale) for the drawn eps. It skips the subtraction, the
+division and the logarithm, and their backward passes, which at batch 128 were
+a twentieth of a training step. Any other value takes the textbook formula.
+
+The standard normal prior skips subtracting 0 and dividing by 1. The Bernoulli
+image likelihood sums each image's log-density before negating it, so the
+negation (forward and backward) touches one number per image, not every pixel.
+
+All stay subclasses of Pyro's distributions, so KL registrations
+(TraceMeanField_ELBO's analytic KL), ``expand`` under plates and every other
+property keep working.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch.distributions.utils import _standard_normal
+from torch.nn.functional import binary_cross_entropy_with_logits
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class DiagonalNormal(dist.Normal):
+    """N(loc, exp(log_scale)^2) per element, which remembers the noise of its last draw.
+
+    Args:
+        loc: the mean.
+        log_scale: the log standard deviation (the encoder's output, kept as is).
+    """
+
+    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor, validate_args=None):
+        self.log_scale = log_scale
+        self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(loc, log_scale.exp(), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagonalNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.log_scale = self.log_scale.expand(batch_shape)
+        new._drawn = None
+        return super().expand(batch_shape, _instance=new)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        z = self.loc + eps * self.scale
+        self._drawn = (z, eps)
+        return z
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        if self._drawn is not None and value is self._drawn[0]:
+            eps = self._drawn[1]
+        else:
+            eps = (value - self.loc) / self.scale
+        return -0.5 * eps.square() - self.log_scale - _LOG_SQRT_2PI
+
+
+class StandardNormal(dist.Normal):
+    """N(0, 1) per element: log p(z) = -z^2/2 - log sqrt(2 pi), nothing subtracted or divided.
+
+    Built from tensors of zeros and ones (a prior's buffers), which are its loc and
+    scale for everything but the density.
+    """
+
+    def __init__(self, zeros: torch.Tensor, ones: torch.Tensor, validate_args=None):
+        super().__init__(zeros, ones, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(StandardNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_p = -0.5 * value.square() - _LOG_SQRT_2PI
+        if value.shape != self.loc.shape:  # broadcast as Normal.log_prob would
+            log_p = log_p.expand(torch.broadcast_shapes(value.shape, self.loc.shape))
+        return log_p
+
+
+class IndependentBernoulli(dist.Independent):
+    """Bernoulli(sigmoid(logits)) per element, the last dimension an event: an image.
+
+    ``dist.Bernoulli(logits=logits).to_event(1)`` but for ``log_prob``, which sums
+    the binary cross-entropy over each image before negating the sum.
+    """
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        base = dist.Bernoulli(logits=logits, validate_args=validate_args)
+        super().__init__(base, 1, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(IndependentBernoulli, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits = self.base_dist.logits
+        if value.shape != logits.shape:
+            return super().log_prob(value)
+        if self._validate_args:
+            self.base_dist._validate_sample(value)
+        return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
