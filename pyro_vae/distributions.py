@@ -1,4 +1,4 @@
-"""Pyro's Normal and Bernoulli, with cheaper log-densities and the same values.
+"""Pyro's Normal, Bernoulli and Independent, with cheaper log-densities and the same values.
 
 Trace_ELBO scores the guide's sample under the guide: log q(z|x) at the very z
 that ``rsample`` just drew as loc + scale * eps. There (z - loc) / scale is eps
@@ -11,6 +11,10 @@ a twentieth of a training step. Any other value takes the textbook formula.
 The standard normal prior skips subtracting 0 and dividing by 1. The Bernoulli
 image likelihood sums each image's log-density before negating it, so the
 negation (forward and backward) touches one number per image, not every pixel.
+
+Pyro's plates expand every sample site's distribution to the plate's batch
+shape on every step, even when it has that shape already; these return
+themselves then, instead of a copy (1.5 % of a step at batch 128).
 
 All stay subclasses of Pyro's distributions, so KL registrations
 (TraceMeanField_ELBO's analytic KL), ``expand`` under plates and every other
@@ -29,7 +33,34 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class DiagonalNormal(dist.Normal):
+def _unchanged(d: dist.Distribution, batch_shape, _instance) -> bool:
+    """Whether ``d.expand(batch_shape)`` may be ``d`` itself."""
+    return _instance is None and torch.Size(batch_shape) == d.batch_shape
+
+
+class Independent(dist.Independent):
+    """``dist.Independent``, its own expansion to its own batch shape."""
+
+    def expand(self, batch_shape, _instance=None):
+        if _unchanged(self, batch_shape, _instance):
+            return self
+        new = self._get_checked_instance(Independent, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
+class _ToEvent:
+    """``to_event`` that wraps in our ``Independent``."""
+
+    def to_event(self, reinterpreted_batch_ndims: int | None = None) -> dist.Distribution:
+        n = (
+            len(self.batch_shape)
+            if reinterpreted_batch_ndims is None
+            else reinterpreted_batch_ndims
+        )
+        return Independent(self, n) if n else self
+
+
+class DiagonalNormal(_ToEvent, dist.Normal):
     """N(loc, exp(log_scale)^2) per element, which remembers the noise of its last draw.
 
     Args:
@@ -43,6 +74,8 @@ class DiagonalNormal(dist.Normal):
         super().__init__(loc, log_scale.exp(), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        if _unchanged(self, batch_shape, _instance):
+            return self
         new = self._get_checked_instance(DiagonalNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.log_scale = self.log_scale.expand(batch_shape)
@@ -66,7 +99,7 @@ class DiagonalNormal(dist.Normal):
         return -0.5 * eps.square() - self.log_scale - _LOG_SQRT_2PI
 
 
-class StandardNormal(dist.Normal):
+class StandardNormal(_ToEvent, dist.Normal):
     """N(0, 1) per element: log p(z) = -z^2/2 - log sqrt(2 pi), nothing subtracted or divided.
 
     Built from tensors of zeros and ones (a prior's buffers), which are its loc and
@@ -77,6 +110,8 @@ class StandardNormal(dist.Normal):
         super().__init__(zeros, ones, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        if _unchanged(self, batch_shape, _instance):
+            return self
         new = self._get_checked_instance(StandardNormal, _instance)
         return super().expand(batch_shape, _instance=new)
 
@@ -89,7 +124,7 @@ class StandardNormal(dist.Normal):
         return log_p
 
 
-class IndependentBernoulli(dist.Independent):
+class IndependentBernoulli(Independent):
     """Bernoulli(sigmoid(logits)) per element, the last dimension an event: an image.
 
     ``dist.Bernoulli(logits=logits).to_event(1)`` but for ``log_prob``, which sums
@@ -101,6 +136,8 @@ class IndependentBernoulli(dist.Independent):
         super().__init__(base, 1, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        if _unchanged(self, batch_shape, _instance):
+            return self
         new = self._get_checked_instance(IndependentBernoulli, _instance)
         return super().expand(batch_shape, _instance=new)
 

@@ -78,6 +78,8 @@ def test_diagonal_normal_scores_its_draws_as_pyros_normal_does():
     expanded = DiagonalNormal(loc, log_scale).expand((2, 8, 5))
     assert expanded.batch_shape == (2, 8, 5) and expanded.rsample().shape == (2, 8, 5)
     assert isinstance(expanded, DiagonalNormal)
+    q = DiagonalNormal(loc, log_scale).to_event(1)
+    assert q.expand((8,)) is q and q.expand((2, 8)).batch_shape == (2, 8)  # plates expand each step
     # TraceMeanField_ELBO's analytic KL still applies (a Normal subclass).
     p = StandardNormal(torch.zeros(5), torch.ones(5)).to_event(1)
     kl = torch.distributions.kl_divergence(DiagonalNormal(loc, log_scale).to_event(1), p)
