@@ -142,9 +142,9 @@ class IndependentBernoulli(Independent):
         return super().expand(batch_shape, _instance=new)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        logits = self.base_dist.logits
-        if value.shape != logits.shape:
-            return super().log_prob(value)
         if self._validate_args:
             self.base_dist._validate_sample(value)
+        logits = self.base_dist.logits
+        if value.shape != logits.shape:  # e.g. K importance samples of logits for one x
+            logits, value = torch.broadcast_tensors(logits, value)
         return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)

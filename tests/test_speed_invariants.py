@@ -101,6 +101,11 @@ def test_standard_normal_and_independent_bernoulli_equal_pyros():
     a, (ga,) = _value_and_grads(IndependentBernoulli(logits).log_prob(x), [logits])
     b, (gb,) = _value_and_grads(dist.Bernoulli(logits=logits).to_event(1).log_prob(x), [logits])
     assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(ga, gb)
+    samples = torch.randn(3, 6, 784)  # logits of K = 3 draws of z for each of the 6 images
+    assert torch.allclose(
+        IndependentBernoulli(samples).log_prob(x),
+        dist.Bernoulli(logits=samples).to_event(1).log_prob(x),
+    )
     expanded = IndependentBernoulli(logits[0]).expand((6,))
     assert expanded.log_prob(x).shape == (6,)
     assert torch.allclose(
