@@ -1,0 +1,29 @@
+"""The benchmark scripts still run, at tiny settings (their figures live in docs/, untested)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .helpers import mnist_dir, needs_mnist
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@needs_mnist
+def test_throughput_benchmark_times_both_steps_and_writes_json(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = ["--data-dir", str(mnist_dir()), "--batch-sizes", "32", "--rounds", "1"]
+    args += ["--seconds", "0.05", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio pyro-vae / hand-written at batch 32:" in done.stdout
+    (row,) = json.loads(out.read_text())["results"]
+    rates = row["images_per_second"]
+    assert set(rates) == {"pyro-vae", "hand-written PyTorch"}
+    assert all(rate > 0 for rate in rates.values())
