@@ -5,7 +5,8 @@ diagonal Normal guide, Adam 1e-3) on MNIST held in memory with dynamic
 binarization, in one process, timed in interleaved rounds (A B A B ...) so that
 a noisy machine slows both alike. Each step includes its own data handling:
 pyro-vae's is `make_svi(...)[0].step` on `ImageBatches.batch` (uint8 levels),
-exactly what `pyro-vae train` runs, with the ELBO computed by Pyro's Trace_ELBO;
+with the loss checked by `divergence.Guard`: exactly what each step of
+`pyro-vae train` runs, with the ELBO computed by Pyro's Trace_ELBO;
 the hand-written step indexes float images, calls torch.bernoulli and computes
 the same ELBO with an analytic KL. Prints a table of images/s and ratios, and
 writes JSON.
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from pyro_vae import Config, ImageBatches, load_dataset
+from pyro_vae.divergence import Guard
 from pyro_vae.nets import mlp
 from pyro_vae.runs import build_vae
 from pyro_vae.train import make_svi, resolve_device
@@ -58,10 +60,11 @@ def pyro_vae_step(data, device, elbo="trace"):
     config.inference.elbo = elbo
     vae = build_vae(config, data.dataset.image_shape).to(device)
     svi, _, _ = make_svi(vae, config)
+    guard = Guard(vae.parameters(), Path("runs/throughput"), 0)  # the loop's per-step check
 
     def step(index):
         with pyro.validation_enabled(config.train.validate):
-            return svi.step(data.batch(index))
+            return guard.step(svi.step, data.batch(index), epoch=1, step=1)
 
     return step
 

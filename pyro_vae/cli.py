@@ -17,13 +17,13 @@ from pathlib import Path
 from . import __version__
 from . import config as config_lib
 from .data import datasets
+from .divergence import TrainingDiverged
 from .elbos import estimators
 from .errors import PyroVAEError
 from .guides import guides
 from .likelihoods import likelihoods
 from .nets import architectures
 from .priors import priors
-from .train import TrainingDiverged
 
 PROG = "pyro-vae"
 

@@ -1,6 +1,19 @@
-"""Stopping a run whose loss or gradients became NaN or infinite, without an extra sync."""
+"""Stopping a run whose loss or parameters became NaN or infinite, for free per step.
+
+Each step the loop reads the loss SVI already returned. A NaN or infinite
+gradient with a finite loss turns Adam's update, and so the parameters, into
+NaN, which the next step's loss shows. The parameters themselves are checked
+once per epoch, before anything is evaluated or saved, so no checkpoint is ever
+written from a poisoned model, also where the estimator's loss is no bound
+(``tail``). Checking every gradient on every step instead cost 1.3 ms at batch
+128 (``torch.isfinite``), a quarter of the step.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -8,26 +21,56 @@ from .errors import PyroVAEError
 
 
 class TrainingDiverged(PyroVAEError):
-    """A loss or gradient became NaN or infinite; the last good checkpoint is kept."""
+    """A loss or parameter became NaN or infinite; the last good checkpoint is kept."""
 
 
-class GradientWatch:
-    """Flags a non-finite gradient of any watched parameter, read once per step.
+def finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite.
 
-    Backward hooks OR a device-side flag, so watching costs no synchronization
-    beyond the one ``svi.step`` already makes for its loss.
+    A sum is NaN or infinite when any term is; it reads each tensor once, where
+    ``torch.isfinite`` builds a mask first (118 against 1,297 us for the 670k
+    parameters of the default VAE). Only finite values so large that their sum
+    overflows float32 (about 3e38) would be taken for a divergence.
+    """
+    with torch.no_grad():
+        return bool(torch.stack([t.sum() for t in tensors]).sum().isfinite())
+
+
+class Guard:
+    """Runs training steps, raising ``TrainingDiverged`` that names the step when one goes bad.
+
+    Args:
+        params: the parameters being trained.
+        run_dir: the run folder, for the message.
+        last_saved: the epoch of the checkpoint on disk (0: none); update it on each save.
+        check_loss: whether the loss is a bound whose NaN or infinity means divergence.
     """
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.flag = torch.zeros((), dtype=torch.bool, device=params[0].device)
-        self.handles = [p.register_hook(self._check) for p in params]
+    def __init__(self, params, run_dir: Path, last_saved: int, check_loss: bool = True):
+        self.params, self.run_dir = list(params), run_dir
+        self.last_saved, self.check_loss = last_saved, check_loss
 
-    def _check(self, grad: torch.Tensor) -> None:
-        self.flag.logical_or_(~torch.isfinite(grad).all())
+    def step(self, fn: Callable[..., float], *args, epoch: int, step: int) -> float:
+        """``fn(*args)``, the loss it returns checked."""
+        try:
+            loss = fn(*args)
+        except ValueError:
+            # With Pyro's validation on, NaN parameters are refused as distribution arguments.
+            if finite(self.params):
+                raise
+            raise self.error("the parameters", f"before epoch {epoch} step {step}") from None
+        if self.check_loss and not math.isfinite(loss):
+            raise self.error("the loss", f"at epoch {epoch} step {step}")
+        return loss
 
-    def tripped(self) -> bool:
-        return bool(self.flag.item())
+    def end_of_epoch(self, epoch: int) -> None:
+        """Refuses to let a poisoned epoch be evaluated or saved."""
+        if not finite(self.params):
+            raise self.error("the parameters", f"in epoch {epoch}")
 
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def error(self, what: str, when: str) -> TrainingDiverged:
+        kept = f"the checkpoint of epoch {self.last_saved}" if self.last_saved else "no checkpoint"
+        return TrainingDiverged(
+            f"{what} became NaN or infinite {when}; {kept} in {self.run_dir} is kept "
+            f"(try a lower --lr or --clip-grad)"
+        )

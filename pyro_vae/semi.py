@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import plots
 from .config import Config
 from .data import Dataset, ImageBatches
-from .divergence import GradientWatch, TrainingDiverged
+from .divergence import Guard
 from .errors import PyroVAEError
 from .models import SSVAE
 from .optim import Adam
@@ -187,69 +187,66 @@ def fit(
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
-    watch = GradientWatch([p for p in model.parameters() if p.requires_grad])
-    last_saved = checkpoint["epoch"] if checkpoint else 0
+    guard = Guard(
+        [p for p in model.parameters() if p.requires_grad],
+        run_dir,
+        checkpoint["epoch"] if checkpoint else 0,
+    )
     steps_per_epoch = math.ceil(len(parts.unlabelled) / t.batch_size)
     started = time.perf_counter()
-    try:
-        with pyro.validation_enabled(t.validate):
-            for epoch in range(last_saved + 1, t.epochs + 1):
-                model.train()
-                epoch_start = time.perf_counter()
-                total_loss, images = 0.0, 0
-                unlabelled = parts.unlabelled[
-                    torch.randperm(len(parts.unlabelled), generator=_generator(t.seed, epoch, 1))
-                ].to(device)
-                labelled = labelled_batches(
-                    len(labelled_index), t.batch_size, _generator(t.seed, epoch, 2)
+    with pyro.validation_enabled(t.validate):
+        for epoch in range(guard.last_saved + 1, t.epochs + 1):
+            model.train()
+            epoch_start = time.perf_counter()
+            total_loss, images = 0.0, 0
+            unlabelled = parts.unlabelled[
+                torch.randperm(len(parts.unlabelled), generator=_generator(t.seed, epoch, 1))
+            ].to(device)
+            labelled = labelled_batches(
+                len(labelled_index), t.batch_size, _generator(t.seed, epoch, 2)
+            )
+            batches = tqdm(
+                data.train_batches(t.batch_size, unlabelled),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}/{t.epochs}",
+                leave=False,
+                disable=None if progress else True,
+            )
+            for step, x in enumerate(batches, 1):
+                at = next(labelled)
+                x_labelled = model.features(data.batch(labelled_index[at]))
+                x_unlabelled = model.features(x)
+                loss = guard.step(
+                    svi.step, x_unlabelled, x_labelled, y_labelled[at], epoch=epoch, step=step
                 )
-                batches = tqdm(
-                    data.train_batches(t.batch_size, unlabelled),
-                    total=steps_per_epoch,
-                    desc=f"epoch {epoch}/{t.epochs}",
-                    leave=False,
-                    disable=None if progress else True,
-                )
-                for step, x in enumerate(batches, 1):
-                    at = next(labelled)
-                    x_labelled = model.features(data.batch(labelled_index[at]))
-                    loss = svi.step(model.features(x), x_labelled, y_labelled[at])
-                    if not math.isfinite(loss) or watch.tripped():
-                        kept = f"epoch {last_saved}" if last_saved else "no checkpoint"
-                        raise TrainingDiverged(
-                            f"the loss or a gradient became NaN or infinite at epoch {epoch} "
-                            f"step {step}; the checkpoint of {kept} in {run_dir} is kept "
-                            f"(try a lower --lr or --clip-grad)"
-                        )
-                    total_loss += loss
-                    images += len(x)
-                seconds = time.perf_counter() - epoch_start
+                total_loss += loss
+                images += len(x)
+            seconds = time.perf_counter() - epoch_start
+            guard.end_of_epoch(epoch)
 
-                model.eval()
-                record = {
-                    "epoch": epoch,
-                    "train_loss": total_loss / images,
-                    "test_elbo": elbo(model, test[0]),
-                    "validation_accuracy": accuracy(model, *validation)
-                    if len(parts.validation)
-                    else None,
-                    "test_accuracy": accuracy(model, *test),
-                    "seconds": seconds,
-                    "images_per_second": images / seconds,
-                }
-                metrics.append(record)
-                append_metrics(run_dir, record)
-                val = record["validation_accuracy"]
-                log(
-                    f"epoch {epoch:3d}  test ELBO {record['test_elbo']:9.2f}  accuracy: "
-                    f"validation {'n/a' if val is None else f'{val:.4f}'}  "
-                    f"test {record['test_accuracy']:.4f}  {seconds:6.1f}s"
-                )
-                if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
-                    save_checkpoint(run_dir, checkpoint_payload(config, model, epoch, optimizer))
-                    last_saved = epoch
-    finally:
-        watch.close()
+            model.eval()
+            record = {
+                "epoch": epoch,
+                "train_loss": total_loss / images,
+                "test_elbo": elbo(model, test[0]),
+                "validation_accuracy": accuracy(model, *validation)
+                if len(parts.validation)
+                else None,
+                "test_accuracy": accuracy(model, *test),
+                "seconds": seconds,
+                "images_per_second": images / seconds,
+            }
+            metrics.append(record)
+            append_metrics(run_dir, record)
+            val = record["validation_accuracy"]
+            log(
+                f"epoch {epoch:3d}  test ELBO {record['test_elbo']:9.2f}  accuracy: "
+                f"validation {'n/a' if val is None else f'{val:.4f}'}  "
+                f"test {record['test_accuracy']:.4f}  {seconds:6.1f}s"
+            )
+            if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
+                save_checkpoint(run_dir, checkpoint_payload(config, model, epoch, optimizer))
+                guard.last_saved = epoch
 
     summary = summarize(config, metrics, parts)
     summary["wall_seconds"] = time.perf_counter() - started

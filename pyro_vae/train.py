@@ -26,7 +26,7 @@ from . import distributed, evaluate, plots
 from .config import Config, dumps, to_dict, validate
 from .config import load as load_config
 from .data import ImageBatches, load_dataset
-from .divergence import GradientWatch, TrainingDiverged
+from .divergence import Guard
 from .elbos import estimators, has_bound
 from .errors import PyroVAEError
 from .models import VAE
@@ -252,86 +252,62 @@ def _fit(
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"])
     reports_bound = has_bound(config.inference.elbo)
-    watch = GradientWatch(list(vae.parameters()))
-
     metrics = list(metrics or [])
     last_saved = checkpoint["epoch"] if checkpoint else 0
+    guard = Guard(vae.parameters(), run_dir, last_saved, check_loss=reports_bound)
     steps_per_epoch = math.ceil(data.num_train / t.batch_size)
     started = time.perf_counter()
     training_seconds = 0.0  # excludes evaluation, for --seconds budgets
     out_of_time = False
-    try:
-        with pyro.validation_enabled(t.validate):
-            for epoch in range(last_saved + 1, t.epochs + 1):
-                vae.train()
-                epoch_start = time.perf_counter()
-                total_loss, images = 0.0, 0
-                order = data.epoch_order(t.seed, epoch)
-                batches = tqdm(
-                    data.train_batches(t.batch_size, order, world.rank, world.size),
-                    total=steps_per_epoch,
-                    desc=f"epoch {epoch}/{t.epochs}",
-                    leave=False,
-                    disable=None if progress and world.is_main else True,
-                )
-                for step, x in enumerate(batches, 1):
-                    loss = step_fn(x)
-                    bad_loss = reports_bound and not math.isfinite(loss)
-                    if bad_loss or watch.tripped():
-                        what = "the loss" if bad_loss else "a gradient"
-                        kept = (
-                            f"the checkpoint of epoch {last_saved}"
-                            if last_saved
-                            else "no checkpoint"
-                        )
-                        raise TrainingDiverged(
-                            f"{what} became NaN or infinite at epoch {epoch} step {step}; "
-                            f"{kept} in {run_dir} is kept (try a lower --lr or --clip-grad)"
-                        )
-                    total_loss += loss
-                    images += len(x)
-                    if (
-                        t.seconds
-                        and training_seconds + time.perf_counter() - epoch_start >= t.seconds
-                    ):
-                        out_of_time = True
-                        break
-                seconds = time.perf_counter() - epoch_start
-                training_seconds += seconds
-
-                vae.eval()
-                total_loss, images = distributed.all_sum(
-                    world, total_loss, images, device=setup.device
-                )
-                record = {
-                    "epoch": epoch,
-                    "train_elbo": -total_loss / images if reports_bound else None,
-                    "test_elbo": _sharded(
-                        world, evaluate.elbo, vae, data.test_images, setup.device
-                    ),
-                    "seconds": seconds,
-                    "images_per_second": images / seconds,
-                }
-                metrics.append(record)
-                if world.is_main:
-                    append_metrics(run_dir, record)
-                train_elbo = (
-                    "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
-                )
-                log(
-                    f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
-                    f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
-                )
-                saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
-                if saving and world.is_main:
-                    payload = checkpoint_payload(config, vae, epoch, optimizer, elbo)
-                    save_checkpoint(run_dir, payload)
-                    last_saved = epoch
-                if out_of_time:
-                    log(f"stopping: the {t.seconds:g} s training budget is spent")
+    with pyro.validation_enabled(t.validate):
+        for epoch in range(guard.last_saved + 1, t.epochs + 1):
+            vae.train()
+            epoch_start = time.perf_counter()
+            total_loss, images = 0.0, 0
+            order = data.epoch_order(t.seed, epoch)
+            batches = tqdm(
+                data.train_batches(t.batch_size, order, world.rank, world.size),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}/{t.epochs}",
+                leave=False,
+                disable=None if progress and world.is_main else True,
+            )
+            for step, x in enumerate(batches, 1):
+                loss = guard.step(step_fn, x, epoch=epoch, step=step)
+                total_loss += loss
+                images += len(x)
+                if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
+                    out_of_time = True
                     break
-    finally:
-        watch.close()
+            seconds = time.perf_counter() - epoch_start
+            training_seconds += seconds
+            guard.end_of_epoch(epoch)
+
+            vae.eval()
+            total_loss, images = distributed.all_sum(world, total_loss, images, device=setup.device)
+            record = {
+                "epoch": epoch,
+                "train_elbo": -total_loss / images if reports_bound else None,
+                "test_elbo": _sharded(world, evaluate.elbo, vae, data.test_images, setup.device),
+                "seconds": seconds,
+                "images_per_second": images / seconds,
+            }
+            metrics.append(record)
+            if world.is_main:
+                append_metrics(run_dir, record)
+            train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
+            log(
+                f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
+                f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
+            )
+            saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
+            if saving and world.is_main:
+                payload = checkpoint_payload(config, vae, epoch, optimizer, elbo)
+                save_checkpoint(run_dir, payload)
+                guard.last_saved = epoch
+            if out_of_time:
+                log(f"stopping: the {t.seconds:g} s training budget is spent")
+                break
 
     k = config.inference.iw_samples
     eval_start = time.perf_counter()

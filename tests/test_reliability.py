@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from pyro_vae import PyroVAEError, architectures, estimators, guides, likelihoods, priors, train
 from pyro_vae.cli import main
 from pyro_vae.config import Config, apply_overrides, from_dict, to_dict, validate
+from pyro_vae.divergence import TrainingDiverged
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.runs import load_checkpoint, load_run, read_metrics
-from pyro_vae.train import TrainingDiverged, resume
+from pyro_vae.train import resume
 
 from .helpers import small_config
 
@@ -134,27 +135,54 @@ def _poison_after(monkeypatch, calls, how):
     monkeypatch.setattr(BernoulliLikelihood, "forward", forward)
 
 
+def _nan_gradient(logits):
+    """Finite in value, NaN in gradient: d sqrt(u)/du at u = 0 is infinite, times 0."""
+    return logits + 0 * torch.sqrt(logits - logits)
+
+
 @pytest.mark.parametrize(
-    "how, what",
+    "how, validate, message",
     [
-        (lambda logits: logits * float("nan"), "the loss"),
-        # finite in value, NaN in gradient: d sqrt(u)/du at u = 0 is infinite, times 0
-        (lambda logits: logits + 0 * torch.sqrt(logits - logits), "a gradient"),
+        (
+            lambda logits: logits * float("nan"),
+            True,
+            "the loss became NaN or infinite at epoch 3 step 5",
+        ),
+        # A NaN gradient makes Adam's update, so the parameters, NaN. The next step's loss
+        # shows it, or with Pyro's validation on, its refusal of NaN distribution arguments.
+        (_nan_gradient, False, "the loss became NaN or infinite at epoch 3 step 6"),
+        (_nan_gradient, True, "the parameters became NaN or infinite before epoch 3 step 6"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_nan_stops_training_with_epoch_and_step_and_keeps_the_last_checkpoint(
-    how, what, tmp_path, monkeypatch
+    how, validate, message, tmp_path, monkeypatch
 ):
     # 1500 digits at batch 64: 24 steps per epoch, then one call for the test ELBO.
     _poison_after(monkeypatch, 2 * 25 + 5, how)
     with pytest.raises(TrainingDiverged) as error:
-        train(small_config(train={"epochs": 5}), tmp_path / "run", log=quiet)
-    message = str(error.value)
-    assert f"{what} became NaN or infinite at epoch 3 step 5" in message
-    assert "the checkpoint of epoch 2" in message and "\n" not in message
+        train(small_config(train={"epochs": 5, "validate": validate}), tmp_path / "run", log=quiet)
+    assert message in str(error.value)
+    assert "the checkpoint of epoch 2" in str(error.value) and "\n" not in str(error.value)
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+@pytest.mark.parametrize("estimator, step", [("tail:2", 5), ("trace", 24)])
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_parameters_gone_bad_are_caught_before_the_epoch_is_saved(
+    estimator, step, tmp_path, monkeypatch
+):
+    """No loss shows it (tail's is no bound, or the epoch's last step): the epoch's check does."""
+    _poison_after(monkeypatch, 25 + step, _nan_gradient)
+    config = small_config(train={"epochs": 3, "validate": False}, inference={"elbo": estimator})
+    with pytest.raises(TrainingDiverged) as error:
+        train(config, tmp_path / "run", log=quiet)
+    assert "the parameters became NaN or infinite in epoch 2" in str(error.value)
+    assert "the checkpoint of epoch 1" in str(error.value)
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
