@@ -260,7 +260,7 @@ def _fit(
     training_seconds = 0.0  # excludes evaluation, for --seconds budgets
     out_of_time = False
     with pyro.validation_enabled(t.validate):
-        for epoch in range(guard.last_saved + 1, t.epochs + 1):
+        for epoch in range(last_saved + 1, t.epochs + 1):
             vae.train()
             epoch_start = time.perf_counter()
             total_loss, images = 0.0, 0
