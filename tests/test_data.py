@@ -2,11 +2,13 @@
 
 import urllib.error
 
+import pyro
 import pytest
 import torch
 import torchvision
 
 from pyro_vae import ImageBatches, PyroVAEError, load_dataset
+from pyro_vae.data import _uniform_levels
 
 from .helpers import mnist_dir, needs_mnist
 
@@ -31,6 +33,20 @@ def test_dynamic_binarization_resamples_train_batches_but_fixes_the_test_set():
     assert not torch.equal(first, second)
     intensity = dataset.train_images[:200].float() / 16
     assert (first - intensity).mean().abs() < 0.02  # Bernoulli(intensity) is unbiased
+
+
+@pytest.mark.parametrize("levels", [16, 255])
+def test_dynamic_binarization_draws_thresholds_uniformly_and_from_the_seed(levels):
+    like = torch.zeros(400, 1000, dtype=torch.uint8)
+    pyro.set_rng_seed(3)
+    r = _uniform_levels(levels, like)
+    pyro.set_rng_seed(3)
+    assert torch.equal(r, _uniform_levels(levels, like))  # seeded like torch's generator
+    assert r.shape == like.shape and r.dtype == torch.uint8
+    counts = torch.bincount(r.flatten().long(), minlength=256).float()
+    assert counts[levels:].sum() == 0  # never L or above: P(r < v) is exactly v / L
+    expected = r.numel() / levels
+    assert ((counts[:levels] - expected).abs() < 5 * expected**0.5).all()
 
 
 def test_static_binarization_draws_the_training_set_once():

@@ -35,7 +35,10 @@ def test_every_estimator_trains_a_vae_on_digits(entry):
     x = data.test_images[:200]
     before = -Trace_ELBO().loss(vae.model, vae.guide, x) / len(x)
     elbo = estimators.build(entry.example, num_particles=1, data_dim=64)
-    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=elbo)
+    # At lr 1e-2 the score-function estimator's noisy gradients undid their own progress
+    # on some seeds (+0.0, +15.4, +16.2 nats on seeds 0-2); at 3e-3 every estimator gains
+    # 14-18 nats on those seeds.
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 3e-3}), loss=elbo)
     for step in range(40):
         loss = svi.step(data.batch(torch.arange(step * 32, step * 32 + 32)))
         assert math.isfinite(loss) or not has_bound(entry.example)
