@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import default_data_dir, run_main
+
 
 def run(command, out):
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=3600)
@@ -22,7 +24,7 @@ def run(command, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
@@ -71,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,6 +10,8 @@ batch at the end of training. Prints the Markdown table for docs/RESULTS.md.
 import argparse
 import time
 
+from _common import default_data_dir, run_main
+
 from pyro_vae import Config
 from pyro_vae.compare import compare
 
@@ -18,7 +20,7 @@ ESTIMATORS = ["trace", "meanfield", "iwae:5", "dreg:5", "scorefn"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--snr-repeats", type=int, default=100)
@@ -43,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

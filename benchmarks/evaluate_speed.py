@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import pyro
+from _common import default_data_dir, run_main
 
 from pyro_vae import Config, ImageBatches, load_dataset, load_run, train
 from pyro_vae.evaluate import log_likelihood
@@ -25,7 +26,7 @@ def peak_mb() -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--run", default=None)
     parser.add_argument("--iw-samples", type=int, default=5000)
     parser.add_argument("--images", type=int, default=10_000, help="the first N test images")
@@ -53,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import default_data_dir, run_main
+
 from pyro_vae import Config, evaluate_run, train
 
 ROWS = [
@@ -25,7 +27,7 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import default_data_dir, run_main
+
 from pyro_vae import Config, train
 
 LABELS = (100, 600, 1000, 3000)
@@ -61,7 +63,7 @@ def row(name: str, labels: int, summary: dict, seconds: float, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--m1-epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -113,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

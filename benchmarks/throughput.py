@@ -34,6 +34,7 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
+from _common import default_data_dir, run_main
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
@@ -167,7 +168,7 @@ def numpyro_reference(python, data_root, batch_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=2.0, help="per round and implementation")
@@ -232,4 +233,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
