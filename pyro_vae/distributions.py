@@ -38,14 +38,19 @@ def _unchanged(d: dist.Distribution, batch_shape, _instance) -> bool:
     return _instance is None and torch.Size(batch_shape) == d.batch_shape
 
 
+def _expand(cls: type, d: dist.Distribution, batch_shape, _instance) -> dist.Distribution:
+    """``cls.expand`` for a class with nothing of its own to copy: ``d`` itself when unchanged."""
+    if _unchanged(d, batch_shape, _instance):
+        return d
+    new = d._get_checked_instance(cls, _instance)
+    return super(cls, d).expand(batch_shape, _instance=new)
+
+
 class Independent(dist.Independent):
     """``dist.Independent``, its own expansion to its own batch shape."""
 
     def expand(self, batch_shape, _instance=None):
-        if _unchanged(self, batch_shape, _instance):
-            return self
-        new = self._get_checked_instance(Independent, _instance)
-        return super().expand(batch_shape, _instance=new)
+        return _expand(Independent, self, batch_shape, _instance)
 
 
 class _ToEvent:
@@ -110,10 +115,7 @@ class StandardNormal(_ToEvent, dist.Normal):
         super().__init__(zeros, ones, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        if _unchanged(self, batch_shape, _instance):
-            return self
-        new = self._get_checked_instance(StandardNormal, _instance)
-        return super().expand(batch_shape, _instance=new)
+        return _expand(StandardNormal, self, batch_shape, _instance)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -136,10 +138,7 @@ class IndependentBernoulli(Independent):
         super().__init__(base, 1, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        if _unchanged(self, batch_shape, _instance):
-            return self
-        new = self._get_checked_instance(IndependentBernoulli, _instance)
-        return super().expand(batch_shape, _instance=new)
+        return _expand(IndependentBernoulli, self, batch_shape, _instance)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
