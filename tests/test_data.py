@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from pyro_vae import ImageBatches, PyroVAEError, load_dataset
-from pyro_vae.data import _uniform_levels
+from pyro_vae.data import _bernoulli_levels
 
 from .helpers import mnist_dir, needs_mnist
 
@@ -35,18 +35,18 @@ def test_dynamic_binarization_resamples_train_batches_but_fixes_the_test_set():
     assert (first - intensity).mean().abs() < 0.02  # Bernoulli(intensity) is unbiased
 
 
-@pytest.mark.parametrize("levels", [16, 255])
-def test_dynamic_binarization_draws_thresholds_uniformly_and_from_the_seed(levels):
-    like = torch.zeros(400, 1000, dtype=torch.uint8)
-    pyro.set_rng_seed(3)
-    r = _uniform_levels(levels, like)
-    pyro.set_rng_seed(3)
-    assert torch.equal(r, _uniform_levels(levels, like))  # seeded like torch's generator
-    assert r.shape == like.shape and r.dtype == torch.uint8
-    counts = torch.bincount(r.flatten().long(), minlength=256).float()
-    assert counts[levels:].sum() == 0  # never L or above: P(r < v) is exactly v / L
-    expected = r.numel() / levels
-    assert ((counts[:levels] - expected).abs() < 5 * expected**0.5).all()
+@pytest.mark.parametrize("num_levels", [16, 255])
+def test_dynamic_binarization_is_bernoulli_of_the_level_and_follows_the_seed(num_levels):
+    n = 400_000
+    for v in [0, 1, num_levels // 2, num_levels - 1, num_levels]:
+        levels = torch.full((n // 1000, 1000), v, dtype=torch.uint8)
+        pyro.set_rng_seed(3)
+        x = _bernoulli_levels(levels, num_levels)
+        assert x.dtype == torch.float32 and set(x.unique().tolist()) <= {0.0, 1.0}
+        p = v / num_levels
+        assert abs(x.mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5  # exact: 0 and 1 too
+        pyro.set_rng_seed(3)
+        assert torch.equal(x, _bernoulli_levels(levels, num_levels))  # seeded like torch
 
 
 def test_static_binarization_draws_the_training_set_once():
