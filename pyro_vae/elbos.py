@@ -58,7 +58,7 @@ def meanfield(num_particles: int = 1) -> ELBO:
 
 @estimators.register("jit-trace")
 def jit_trace(num_particles: int = 1) -> ELBO:
-    """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (one trace per batch shape)."""
+    """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (traced on the first call)."""
     return JitTrace_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
