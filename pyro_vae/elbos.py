@@ -17,6 +17,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import (
     ELBO,
     JitTrace_ELBO,
@@ -31,6 +32,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from .errors import PyroVAEError
 from .registry import Arg, Registry, nonnegative_float
 
 estimators = Registry("estimator")
@@ -187,20 +189,52 @@ def _is_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
-def data_scale(trace: poutine.Trace) -> float:
-    """The scale Pyro gives the observed data: dataset size / batch size for a minibatch."""
-    for site in trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            return site["scale"]
-    return 1.0
+def subsample_scale(site: dict) -> float:
+    """The factor a site's plates give it for subsampling: full size / batch size of each.
+
+    A site's ``scale`` is this times whatever ``poutine.scale`` set (a KL weight, say).
+    """
+    scale = 1.0
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.size > 0:
+            scale *= frame.full_size / frame.size
+    return scale
 
 
-def log_density(trace: poutine.Trace) -> torch.Tensor:
-    """Sum of the log-densities of a trace's sample sites, broadcast over batch dims."""
+def data_scale(*traces: poutine.Trace) -> float:
+    """The subsampling factor of the data plate, shared by every sample site of ``traces``.
+
+    Importance weights are per datum, so a minibatch of B out of N images scales the
+    whole per-datum bound by N / B, not each log-density inside it.
+    """
+    scales = {
+        subsample_scale(site)
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+    if len(scales) > 1:
+        raise PyroVAEError(
+            f"importance weights need every sample site in the same data plate; "
+            f"these sites are subsampled by different factors {sorted(scales)}"
+        )
+    return scales.pop() if scales else 1.0
+
+
+def log_density(trace: poutine.Trace, scaled: bool = True) -> torch.Tensor:
+    """Sum of the log-densities of a trace's sample sites, broadcast over batch dims.
+
+    Each site's ``mask`` applies, as in ``Trace_ELBO``; with ``scaled`` so does its
+    ``poutine.scale`` factor, but never the data plate's subsampling factor (see
+    :func:`data_scale`). ``scaled=False`` gives the model's own density, whatever
+    scale training used.
+    """
     total = torch.zeros(())
     for site in trace.nodes.values():
         if site["type"] == "sample" and not site_is_subsample(site):
-            total = total + site["fn"].log_prob(site["value"])
+            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            scale = site["scale"] / subsample_scale(site) if scaled else 1.0
+            total = total + scale_and_mask(log_p, scale, site["mask"])
     return total
 
 
@@ -270,14 +304,14 @@ class DReG_ELBO(ELBO):
         for z, g in zip(attached.values(), grads, strict=True):
             if g is not None:
                 surrogate = surrogate + (g.detach() * z).sum()
-        scale = data_scale(model_trace)
+        scale = data_scale(model_trace, guide_trace)
         return -scale * (surrogate - surrogate.detach() + self._bound(log_w).detach())
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
             model_trace, guide_trace, _ = self._traces(model, guide, args, kwargs)
             bound = self._bound(log_density(model_trace) - log_density(guide_trace))
-            return -data_scale(model_trace) * bound.item()
+            return -data_scale(model_trace, guide_trace) * bound.item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)

@@ -62,9 +62,13 @@ def elbo(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> float:
 
 @torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws per image, shape (K, B)."""
+    """log p(x, z_k) - log q(z_k|x) for ``num_samples`` draws per image, shape (K, B).
+
+    The model's own densities: any ``poutine.scale`` used in training is ignored, masks
+    hold.
+    """
     model_trace, guide_trace, _ = vectorized_traces(vae.model, vae.guide, num_samples, -2, x)
-    log_w = log_density(model_trace) - log_density(guide_trace)
+    log_w = log_density(model_trace, scaled=False) - log_density(guide_trace, scaled=False)
     # Pyro's traces sit in reference cycles; emptying their sites frees this chunk's
     # large tensors now rather than at the next garbage collection.
     for trace in (model_trace, guide_trace):

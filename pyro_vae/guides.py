@@ -25,8 +25,8 @@ class DiagonalNormalGuide(nn.Module):
     """q(z|x) = N(mu(x), diag(sigma(x)^2)), the encoder of Kingma & Welling 2014.
 
     The encoder emits mu and log sigma; exp keeps sigma positive as in Pyro's
-    and NumPyro's VAE examples. ``DiagonalNormal`` is Pyro's Normal, scoring its
-    own draws from the noise it drew (see ``pyro_vae.distributions``).
+    and NumPyro's VAE examples. ``DiagonalNormal`` is Pyro's Normal, parametrized
+    by log sigma (see ``pyro_vae.distributions``).
     """
 
     def __init__(self, latent_dim: int):

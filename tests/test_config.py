@@ -1,6 +1,7 @@
 """Config: TOML round trip, overrides, validation; spec strings through the registries."""
 
 import pytest
+import torch
 
 from pyro_vae import PyroVAEError, priors
 from pyro_vae.config import Config, apply_overrides, dumps, from_dict, load, validate
@@ -120,4 +121,8 @@ def test_a_user_registered_component_is_selectable_by_name(monkeypatch):
             self.scale.mul_(3)
 
     assert "wide" in priors.choices()
-    assert VAE((8, 8), latent_dim=2, prior="wide").prior().stddev.tolist() == [3.0, 3.0]
+    prior = VAE((8, 8), latent_dim=2, prior="wide").prior()
+    assert prior.stddev.tolist() == [3.0, 3.0]
+    z = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    expected = torch.distributions.Normal(0.0, 3.0).log_prob(z).sum(-1)  # [-4.85, -5.09]
+    torch.testing.assert_close(prior.log_prob(z), expected)

@@ -1,17 +1,21 @@
 """ELBO estimators: bounds, gradients and the side-by-side comparison."""
 
+import copy
 import csv
 import math
 
 import pyro
+import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
+from pyro.poutine.messenger import Messenger
 
 from pyro_vae import VAE, ImageBatches, estimators, load_dataset, load_run
 from pyro_vae.compare import compare, gradient_snr, parameter_groups
-from pyro_vae.elbos import DReG_ELBO, has_bound
+from pyro_vae.elbos import DReG_ELBO, data_scale, has_bound, log_density
+from pyro_vae.evaluate import log_likelihood
 
 from .helpers import small_config
 
@@ -136,3 +140,57 @@ def test_a_seconds_budget_stops_training_early(tmp_path):
     config = small_config(train={"epochs": 10_000, "seconds": 1.0})
     summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
     assert 1 <= summary["epochs"] < 10_000
+
+
+class _WeightAndMask(Messenger):
+    """A KL weight on z (model and guide alike) and a mask over some images' x: what a
+    beta-VAE or a model of partly missing data does to a trace."""
+
+    def __init__(self, weight, observed):
+        super().__init__()
+        self.weight, self.observed = weight, observed
+
+    def _process_message(self, msg):
+        if msg["name"] == "z":
+            msg["scale"] = msg["scale"] * self.weight
+        if msg["name"] == "x":
+            msg["mask"] = self.observed
+
+
+def test_dreg_honours_site_scale_mask_and_the_data_plate_as_trace_elbo_does(model_and_batch):
+    """With K = 1 the IWAE bound is the ELBO: DReG's loss must be Trace_ELBO's, scale, mask
+    and subsampling (a batch of 64 standing for 1,500 images) included."""
+    vae, x = model_and_batch
+    observed = torch.arange(len(x)) % 3 != 0
+    handlers = _WeightAndMask(4.0, observed)
+    model, guide = handlers(vae.model), handlers(vae.guide)
+    pyro.set_rng_seed(0)
+    expected = Trace_ELBO().loss(model, guide, x, size=1500)
+    pyro.set_rng_seed(0)
+    assert DReG_ELBO(1).loss(model, guide, x, size=1500) == pytest.approx(expected, rel=1e-5)
+    pyro.set_rng_seed(0)
+    loss = DReG_ELBO(1).differentiable_loss(model, guide, x, size=1500)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_log_density_scales_and_masks_each_site_but_not_by_the_data_plate(model_and_batch):
+    vae, x = model_and_batch
+    observed = torch.arange(len(x)) % 3 != 0
+    with _WeightAndMask(4.0, observed):
+        trace = poutine.trace(vae.model).get_trace(x, size=1500)
+    z, obs = trace.nodes["z"], trace.nodes["x"]
+    log_pz, log_px = z["fn"].log_prob(z["value"]), obs["fn"].log_prob(obs["value"])
+    torch.testing.assert_close(log_density(trace), 4 * log_pz + log_px * observed)
+    torch.testing.assert_close(log_density(trace, scaled=False), log_pz + log_px * observed)
+    assert data_scale(trace) == pytest.approx(1500 / 64)
+
+
+def test_log_px_is_the_model_density_whatever_scale_training_used(model_and_batch):
+    vae, x = model_and_batch
+    weighted = _WeightAndMask(4.0, None)
+    scaled = copy.copy(vae)
+    scaled.model, scaled.guide = weighted(vae.model), weighted(vae.guide)
+    pyro.set_rng_seed(0)
+    expected = log_likelihood(vae, x, 20)
+    pyro.set_rng_seed(0)
+    assert log_likelihood(scaled, x, 20) == pytest.approx(expected, rel=1e-6)
