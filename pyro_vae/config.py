@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import datasets
-from .elbos import estimators
 from .errors import PyroVAEError
-from .guides import guides
-from .likelihoods import likelihoods
-from .nets import architectures
-from .priors import priors
 from .registry import import_plugins
 
 if sys.version_info >= (3, 11):
@@ -251,6 +245,13 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 
 def validate(config: Config) -> Config:
     """Refuse out-of-range values and bad specs before any work starts."""
+    from .data import datasets
+    from .elbos import estimators
+    from .guides import guides
+    from .likelihoods import likelihoods
+    from .nets import architectures
+    from .priors import priors
+
     d, m, i, t, s = config.data, config.model, config.inference, config.train, config.semi
     import_plugins(m.plugins)
     if m.kind not in MODEL_KINDS:

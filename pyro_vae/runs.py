@@ -178,6 +178,8 @@ def checkpoint_payload(config: Config, model, epoch: int, optimizer, estimator=N
         "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
         "rng": rng_state(),
     }
+    if isinstance(model, SSVAE):
+        payload["num_classes"] = model.num_classes
     if isinstance(model, M1M2):
         payload["m1"] = {
             "config": config_lib.to_dict(model.m1.config),
@@ -201,8 +203,11 @@ def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
     )
 
 
-def build_model(config: Config, image_shape: tuple[int, ...], m1: VAE | None = None):
-    """The model a config describes: a VAE, or M2, or M1+M2 on top of the VAE ``m1``."""
+def build_model(
+    config: Config, image_shape: tuple[int, ...], num_classes: int = 10, m1: VAE | None = None
+):
+    """The model a config describes: a VAE, or M2 (``num_classes`` values of y), or M1+M2
+    on top of the VAE ``m1``."""
     m = config.model
     if m.kind == "vae":
         return build_vae(config, image_shape)
@@ -214,6 +219,7 @@ def build_model(config: Config, image_shape: tuple[int, ...], m1: VAE | None = N
         likelihood=m.likelihood,
         guide=m.guide,
         aux_weight=config.semi.aux_weight,
+        num_classes=num_classes,
     )
     if m.kind == "m2":
         return SSVAE(image_shape, **options)
@@ -229,7 +235,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
         m1_config = config_lib.from_dict(checkpoint["m1"]["config"])
         m1 = build_vae(m1_config, tuple(checkpoint["m1"]["image_shape"]))
         m1.config = m1_config
-    model = build_model(config, tuple(checkpoint["image_shape"]), m1)
+    num_classes = checkpoint.get("num_classes", 10)
+    model = build_model(config, tuple(checkpoint["image_shape"]), num_classes, m1)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

@@ -91,7 +91,7 @@ def _setup(config: Config) -> _Setup:
     data = ImageBatches(dataset, d.binarize, device)
     pyro.set_rng_seed(t.seed)
     m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
-    model = build_model(config, dataset.image_shape, m1).to(device)
+    model = build_model(config, dataset.image_shape, dataset.num_classes, m1).to(device)
     for images in data.all_images():
         try:
             model.likelihood.check_support(model.features(images) if m1 else images)

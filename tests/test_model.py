@@ -78,10 +78,39 @@ def test_unknown_component_names_list_the_valid_choices():
         VAE((8, 8), prior="nope")
 
 
-def test_generate_and_reconstruct_give_images_in_unit_interval(vae, batch):
-    for images in (vae.generate(4), vae.reconstruct(batch)):
-        assert images.shape[1] == 64
-        assert 0 <= images.min() and images.max() <= 1
+def test_reconstruct_and_generate_decode_the_guide_mean_and_prior_draws(vae, batch):
+    """Pictures show p(x|z)'s mean, sigmoid(logits): at q(z|x)'s mean, and at z ~ p(z)."""
+    loc = vae.encoder(batch)[:, :5]
+    expected = torch.sigmoid(vae.decoder(loc))
+    torch.testing.assert_close(vae.reconstruct(batch), expected)
+    pyro.set_rng_seed(3)
+    z = torch.randn(4, 5)
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(vae.generate(4), torch.sigmoid(vae.decoder(z)))
+
+
+def test_replacing_a_component_after_training_started_trains_the_new_one(vae, batch):
+    from pyro_vae import priors
+
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO())
+    svi.step(batch)
+    vae.prior = priors.build("normal-learned", latent_dim=5)
+    for _ in range(3):
+        svi.step(batch)
+    store = pyro.get_param_store()
+    assert store["vae$$$prior.loc"] is vae.prior.loc
+    assert vae.prior.loc.abs().sum() > 0, "the new prior's parameters were trained"
+
+
+def test_training_steps_reuse_the_cached_parameter_lists(batch):
+    """The cache is rebuilt only when modules change; a step (flows included) changes none."""
+    vae = VAE((8, 8), latent_dim=5, hidden=(32,), prior="flow:1", guide="iaf:1")
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO())
+    svi.step(batch)
+    lists = vae._param_lists
+    for _ in range(3):
+        svi.step(batch)
+    assert vae._param_lists is lists
 
 
 def test_svi_trains_each_vae_own_parameters_when_several_share_a_process(batch):

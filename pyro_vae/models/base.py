@@ -7,9 +7,30 @@ parameters, once per step and without rebuilding names.
 
 from __future__ import annotations
 
+import weakref
+
 import pyro
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
+
+_structure_version = 0
+_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every cached program
+
+
+def _module_structure_changed(parent: nn.Module, *_) -> None:
+    """A watched module gained or replaced a submodule or parameter: the caches are stale.
+
+    Modules nobody watches are ignored: Pyro's autoregressive networks slice their
+    ``ModuleList`` on every forward pass, which builds (and registers into) a new one.
+    """
+    global _structure_version
+    if parent in _watched:
+        _structure_version += 1
+
+
+_module.register_module_module_registration_hook(_module_structure_changed)
+_module.register_module_parameter_registration_hook(_module_structure_changed)
 
 
 class PyroProgram(nn.Module):
@@ -27,17 +48,22 @@ class PyroProgram(nn.Module):
     def _pyro_params(self, part: str) -> list[tuple[str, torch.Tensor]]:
         """Param-store names and tensors of the model's or the guide's parameters, cached.
 
-        ``.to()`` and ``load_state_dict`` keep these tensors, so the lists are built once.
+        ``.to()`` and ``load_state_dict`` keep these tensors, so the lists are built once,
+        and again whenever one of its modules gains or replaces a submodule or parameter
+        (``vae.prior = ...`` after training started), which PyTorch's global registration
+        hooks tell.
         """
         lists = self.__dict__.get("_param_lists")
-        if lists is None:
+        if lists is None or lists["version"] != _structure_version:
             in_model = {id(p) for m in self.model_modules() for p in m.parameters()}
             named = [
                 (f"{self.pyro_name}$$${n}", p)
                 for n, p in self.named_parameters()
                 if p.requires_grad
             ]
+            _watched.update(self.modules())
             lists = self.__dict__["_param_lists"] = {
+                "version": _structure_version,
                 "model": [(n, p) for n, p in named if id(p) in in_model],
                 "guide": [(n, p) for n, p in named if id(p) not in in_model],
             }

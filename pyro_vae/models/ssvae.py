@@ -20,6 +20,7 @@ import torch
 from pyro.contrib.autoname import scope
 from torch import nn
 
+from ..config import SemiConfig
 from ..errors import PyroVAEError
 from ..guides import guides
 from ..likelihoods import likelihoods
@@ -46,7 +47,7 @@ class SSVAE(PyroProgram):
             and the decoder p(x|y,z), which mirrors them).
         prior, likelihood, guide: component specs or objects, as for ``VAE``
             (priors defined through the encoder, the VampPrior, do not apply).
-        aux_weight: alpha of the auxiliary classification loss.
+        aux_weight: alpha of the auxiliary classification loss (default: the config's).
     """
 
     pyro_name = "ssvae"
@@ -60,7 +61,7 @@ class SSVAE(PyroProgram):
         prior: Any = "normal",
         likelihood: Any = "bernoulli",
         guide: Any = "normal",
-        aux_weight: float = 1.0,
+        aux_weight: float = SemiConfig.aux_weight,
     ):
         super().__init__()
         self.image_shape = tuple(image_shape)
