@@ -11,6 +11,16 @@ parameters as SVI first hands them over and sets gradients to None once
 applied, as ``Optimizer.zero_grad`` does, so SVI has nothing left to zero. The
 update is Adam's, element by element the same. Its state is saved per parameter
 name, like Pyro's, for checkpoints.
+
+PyTorch has the fused kernel on CUDA, and on the CPU from release 2.4; elsewhere
+the same function runs its multi-tensor (``foreach``) form. Two private names
+are read: ``torch.optim.adam.adam`` and ``PyroOptim._state_waiting_to_be_consumed``
+(how Pyro hands a checkpoint's state to parameters that appear later);
+``tests/test_optim.py`` fails loudly if either changes.
+
+Clipping: ``max_grad_norm`` clips the *global* norm of all gradients together
+(``torch.nn.utils.clip_grad_norm_``), as ``--clip-grad`` does. Pyro's own
+``clip_args={"clip_norm": c}`` clips each parameter's gradient on its own.
 """
 
 from __future__ import annotations
@@ -23,24 +33,32 @@ from torch.optim.adam import adam
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
+def fused_adam_supported(device: torch.device) -> bool:
+    """Whether this PyTorch has the fused Adam kernel for ``device`` (CPU: from 2.4)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.__version__ >= (2, 4)
+
+
 class Adam(PyroOptim):
     """Adam for SVI: one fused update, gradients released after each step.
 
     Args:
         lr: learning rate.
-        clip_norm: if given, the total gradient norm of each step is clipped to it.
+        max_grad_norm: if given, the gradients of each step are scaled down together so
+            that their global norm (all parameters as one vector) is at most this.
         betas, eps: Adam's, as in ``torch.optim.Adam``.
     """
 
     def __init__(
         self,
         lr: float,
-        clip_norm: float | None = None,
+        max_grad_norm: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ):
         super().__init__(torch.optim.Adam, {"lr": lr})
-        self.lr, self.clip_norm, self.betas, self.eps = lr, clip_norm, betas, eps
+        self.lr, self.max_grad_norm, self.betas, self.eps = lr, max_grad_norm, betas, eps
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -51,9 +69,10 @@ class Adam(PyroOptim):
         for p in params:
             if p not in self.state:
                 self._add(p)
-        if self.clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         states = [self.state[p] for p in params]
+        fused = fused_adam_supported(params[0].device)
         adam(
             params,
             [p.grad for p in params],
@@ -61,7 +80,8 @@ class Adam(PyroOptim):
             [s["exp_avg_sq"] for s in states],
             [],
             [s["step"] for s in states],
-            fused=True,
+            fused=fused,
+            foreach=not fused,
             amsgrad=False,
             beta1=self.betas[0],
             beta2=self.betas[1],

@@ -180,7 +180,7 @@ def fit(
     )
 
     pyro.clear_param_store()
-    optimizer = Adam(t.lr, clip_norm=t.clip_grad or None)
+    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
     svi = SVI(
         model.semi_model,
         model.semi_guide,

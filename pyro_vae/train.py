@@ -208,7 +208,7 @@ def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     """
     pyro.clear_param_store()
     t = config.train
-    optimizer = Adam(t.lr, clip_norm=t.clip_grad or None)
+    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
     elbo = estimators.build(
         config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
     )

@@ -1,7 +1,6 @@
 """Crash safety, exact resume, numerical faults, safe loading and bad input."""
 
 import io
-import json
 import os
 import random
 import signal
@@ -196,9 +195,23 @@ def test_nan_exits_with_code_3_from_the_cli(tmp_path, monkeypatch, capsys):
     assert "became NaN or infinite at epoch 1 step 3" in capsys.readouterr().err
 
 
-def test_clip_grad_bounds_the_gradient_norm_in_training(tmp_path):
-    summary = train(small_config(train={"clip_grad": 1.0}), tmp_path / "run", log=quiet)
-    assert summary["test_elbo"] > -60
+@pytest.mark.parametrize("clip_grad, expected", [(0.0, []), (2.5, [2.5] * 24)])
+def test_clip_grad_clips_the_global_gradient_norm_of_every_step(
+    clip_grad, expected, tmp_path, monkeypatch
+):
+    """--clip-grad reaches the optimizer, which clips every step (the clipping itself:
+    tests/test_optim.py)."""
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    config = small_config(train={"clip_grad": clip_grad, "epochs": 1})
+    train(config, tmp_path / "run", log=quiet)
+    assert calls == expected  # 1,500 digits at batch 64: 24 steps
 
 
 @pytest.fixture
@@ -319,10 +332,11 @@ def test_random_set_overrides_validate_or_raise_our_error(assignments):
         pass
 
 
-def test_every_error_above_is_one_line():
-    for bad in ([], {"train": {"epochs": "x"}}, {"model": {"hidden": [0]}}):
-        try:
-            validate(from_dict(bad) if isinstance(bad, dict) else Config())
-        except PyroVAEError as e:
-            assert "\n" not in str(e)
-    json.dumps(to_dict(Config()))
+@pytest.mark.parametrize(
+    "tree",
+    [{"train": {"epochs": "x"}}, {"model": {"hidden": [0]}}, {"data": {"dataset": "cifar"}}],
+)
+def test_config_errors_are_our_error_in_one_line(tree):
+    with pytest.raises(PyroVAEError) as error:
+        validate(from_dict(tree))
+    assert "\n" not in str(error.value)
