@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from .errors import PyroVAEError
 from .registry import import_plugins
 
@@ -178,27 +180,19 @@ def resolve_plugin_paths(plugins: list[str], base: Path) -> list[str]:
     return [str((base / p).resolve()) if p.endswith(".py") else p for p in plugins]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def dumps(config: Config) -> str:
-    """The config as TOML text (keys that are None are left out: TOML has no null)."""
-    lines: list[str] = []
-    for name, values in to_dict(config).items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
+    """The config as TOML text, by ``tomli-w``.
+
+    Keys that are None are left out (TOML has no null; they load back as None), and so
+    is the ``[semi]`` section of a VAE while it holds the defaults.
+    """
+    tree = {
+        name: {k: v for k, v in values.items() if v is not None}
+        for name, values in to_dict(config).items()
+    }
+    if config.model.kind == "vae" and config.semi == SemiConfig():
+        del tree["semi"]
+    return tomli_w.dumps(tree)
 
 
 def _parse_text(where: str, kind: Any, text: str) -> Any:

@@ -112,8 +112,9 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def rng_state() -> dict[str, Any]:
-    """torch, numpy and Python RNG states as tensors and plain data (weights_only-safe)."""
+def rng_state(data=None) -> dict[str, Any]:
+    """torch, numpy and Python RNG states as tensors and plain data (weights_only-safe), and
+    the data pipeline's own (an ``ImageBatches``' binarization noise) when given ``data``."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state = {
@@ -123,10 +124,12 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if data is not None:
+        state["data"] = data.rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], data=None) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
@@ -134,6 +137,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if data is not None:
+        data.set_rng_state(state["data"])
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
@@ -167,8 +172,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def checkpoint_payload(config: Config, model, epoch: int, optimizer, estimator=None) -> dict:
-    """Everything a run continues from: config, weights, optimizer, estimator and RNG states."""
+def checkpoint_payload(
+    config: Config, model, epoch: int, optimizer, estimator=None, data=None
+) -> dict:
+    """Everything a run continues from: config, weights, optimizer, estimator and RNG states
+    (``data``'s too)."""
     payload = {
         "config": config_lib.to_dict(config),
         "image_shape": list(model.image_shape),
@@ -176,7 +184,7 @@ def checkpoint_payload(config: Config, model, epoch: int, optimizer, estimator=N
         "model": model.state_dict(),
         "optimizer": optimizer.get_state(),
         "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
-        "rng": rng_state(),
+        "rng": rng_state(data),
     }
     if isinstance(model, SSVAE):
         payload["num_classes"] = model.num_classes

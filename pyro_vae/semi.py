@@ -189,7 +189,7 @@ def fit(
     )
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], data)
     guard = Guard(
         [p for p in model.parameters() if p.requires_grad],
         run_dir,
@@ -248,7 +248,8 @@ def fit(
                 f"test {record['test_accuracy']:.4f}  {seconds:6.1f}s"
             )
             if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
-                save_checkpoint(run_dir, checkpoint_payload(config, model, epoch, optimizer))
+                payload = checkpoint_payload(config, model, epoch, optimizer, data=data)
+                save_checkpoint(run_dir, payload)
                 guard.last_saved = epoch
 
     summary = summarize(config, metrics, parts)

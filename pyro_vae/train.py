@@ -88,7 +88,7 @@ def _setup(config: Config) -> _Setup:
         from . import semi
 
         semi.split_for(config, dataset)  # refuse an impossible split before the run folder
-    data = ImageBatches(dataset, d.binarize, device)
+    data = ImageBatches(dataset, d.binarize, device, seed=t.seed + world.rank)
     pyro.set_rng_seed(t.seed)
     m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
     model = build_model(config, dataset.image_shape, dataset.num_classes, m1).to(device)
@@ -250,7 +250,7 @@ def _fit(
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
             elbo.load_state_dict(checkpoint["estimator"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], data)
     reports_bound = has_bound(config.inference.elbo)
     metrics = list(metrics or [])
     last_saved = checkpoint["epoch"] if checkpoint else 0
@@ -302,7 +302,7 @@ def _fit(
             )
             saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
             if saving and world.is_main:
-                payload = checkpoint_payload(config, vae, epoch, optimizer, elbo)
+                payload = checkpoint_payload(config, vae, epoch, optimizer, elbo, data)
                 save_checkpoint(run_dir, payload)
                 guard.last_saved = epoch
             if out_of_time:

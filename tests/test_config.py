@@ -1,11 +1,22 @@
 """Config: TOML round trip, overrides, validation; spec strings through the registries."""
 
+import dataclasses
+import sys
+import typing
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyro_vae import PyroVAEError, priors
 from pyro_vae.config import Config, apply_overrides, dumps, from_dict, load, validate
 from pyro_vae.elbos import estimators
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def test_toml_round_trip_keeps_every_field(tmp_path):
@@ -16,6 +27,44 @@ def test_toml_round_trip_keeps_every_field(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(dumps(config))
     assert load(path) == config
+
+
+def _field_values(kind):
+    """Any value of a config field's type, strings with newlines, quotes and unicode included."""
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        (kind,) = (a for a in typing.get_args(kind) if a is not type(None))
+    values = {
+        str: st.text(),
+        int: st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        float: st.floats(allow_nan=False),
+        bool: st.booleans(),
+        list[int]: st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+        list[str]: st.lists(st.text()),
+    }[kind]
+    return st.one_of(st.none(), values) if optional else values
+
+
+def _configs():
+    sections = {}
+    for name, cls in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: _field_values(hints[f.name]) for f in dataclasses.fields(cls)}
+        sections[name] = st.builds(cls, **fields)
+    return st.builds(Config, **sections)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_configs())
+def test_every_field_type_round_trips_through_toml(config):
+    assert from_dict(tomllib.loads(dumps(config))) == config
+
+
+def test_a_vae_run_config_has_no_semi_section_unless_set():
+    assert "[semi]" not in dumps(Config())
+    config = Config()
+    config.model.kind = "m2"
+    assert "[semi]" in dumps(config)
 
 
 def test_none_fields_are_left_out_of_toml_and_come_back_as_none(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -340,3 +341,16 @@ def test_config_errors_are_our_error_in_one_line(tree):
     with pytest.raises(PyroVAEError) as error:
         validate(from_dict(tree))
     assert "\n" not in str(error.value)
+
+
+def test_other_draws_from_numpys_global_generator_leave_training_unchanged(tmp_path, monkeypatch):
+    train(small_config(train={"epochs": 2}), tmp_path / "a", log=quiet)
+    original = BernoulliLikelihood.forward
+
+    def forward(self, logits):
+        np.random.random(7)  # a plugin or a notebook using NumPy's generator mid-run
+        return original(self, logits)
+
+    monkeypatch.setattr(BernoulliLikelihood, "forward", forward)
+    train(small_config(train={"epochs": 2}), tmp_path / "b", log=quiet)
+    assert_same_parameters(final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b"))
