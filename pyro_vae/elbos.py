@@ -285,6 +285,13 @@ class DReG_ELBO(ELBO):
         model_trace, guide_trace, _ = self._traces(model, guide, args, kwargs)
         return model_trace, guide_trace
 
+    def path_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights of the guide's path gradients: w~^2, which makes them unbiased.
+
+        (w~ alone gives the "sticking the landing" IWAE gradient, which is biased.)
+        """
+        return weights.square()
+
     def _bound(self, log_w: torch.Tensor) -> torch.Tensor:
         return (log_w.logsumexp(0) - math.log(self.num_particles)).sum()
 
@@ -299,7 +306,7 @@ class DReG_ELBO(ELBO):
         # Guide parameters: only the path through the samples, reweighted by w~^2.
         leaves = [guide_trace.nodes[name]["value"] for name in attached]
         grads = torch.autograd.grad(
-            (weights.pow(2) * log_w).sum(), leaves, retain_graph=True, allow_unused=True
+            (self.path_weights(weights) * log_w).sum(), leaves, retain_graph=True, allow_unused=True
         )
         for z, g in zip(attached.values(), grads, strict=True):
             if g is not None:

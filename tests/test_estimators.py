@@ -3,6 +3,7 @@
 import copy
 import csv
 import math
+import time
 
 import pyro
 import pyro.poutine as poutine
@@ -16,6 +17,7 @@ from pyro_vae import VAE, ImageBatches, estimators, load_dataset, load_run
 from pyro_vae.compare import compare, gradient_snr, parameter_groups
 from pyro_vae.elbos import DReG_ELBO, data_scale, has_bound, log_density
 from pyro_vae.evaluate import log_likelihood
+from pyro_vae.runs import load_checkpoint, read_metrics
 
 from .helpers import small_config
 
@@ -119,7 +121,7 @@ def test_dreg_encoder_snr_does_not_fall_with_k_while_iwae_does(model_and_batch):
 def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
     config = small_config(train={"epochs": 2})
     rows = compare(
-        config, ["trace", "iwae:3", "scorefn"], tmp_path / "cmp", snr_repeats=5, log=lambda _: None
+        config, ["trace", "iwae:3", "scorefn"], tmp_path / "cmp", snr_repeats=30, log=lambda _: None
     )
     assert [r["estimator"] for r in rows] == ["trace", "iwae:3", "scorefn"]
     for name in ("compare.csv", "compare.md", "compare.png"):
@@ -129,17 +131,37 @@ def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
     assert [r["estimator"] for r in table] == ["trace", "iwae:3", "scorefn"]
     for r in table:
         assert float(r["log_px"]) >= float(r["test_elbo"]) - 0.5
-        assert float(r["snr_encoder"]) > 0 and float(r["snr_decoder"]) > 0
+    snr = {r["estimator"]: float(r["snr_encoder"]) for r in table}
+    assert snr["scorefn"] < 0.75 * snr["trace"], "score-function gradients are the noisier"
     assert float(table[1]["own_bound"]) > float(table[0]["own_bound"]) - 0.5  # IWAE-3 >= ELBO
     assert "| `iwae:3` |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_a_seconds_budget_stops_training_early(tmp_path):
-    from pyro_vae import train
+def test_a_seconds_budget_stops_training_at_the_step_that_spends_it(tmp_path, monkeypatch):
+    """On a clock that moves one second per training step, whatever the machine's speed."""
+    import importlib
+    import types
 
-    config = small_config(train={"epochs": 10_000, "seconds": 1.0})
+    from pyro_vae import train
+    from pyro_vae.divergence import Guard
+
+    train_module = importlib.import_module("pyro_vae.train")  # pyro_vae.train: the function
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0], strftime=time.strftime)
+    monkeypatch.setattr(train_module, "time", fake_time)
+    real_step = Guard.step
+
+    def step(self, *args, **kwargs):
+        clock[0] += 1.0
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Guard, "step", step)
+    config = small_config(train={"epochs": 10_000, "seconds": 30.0})
     summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
-    assert 1 <= summary["epochs"] < 10_000
+    # 1,500 digits at batch 64: 24 steps per epoch, so the 30th step is step 6 of epoch 2.
+    assert summary["epochs"] == 2
+    assert [m["seconds"] for m in read_metrics(tmp_path / "run")] == [24.0, 6.0]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
 
 
 class _WeightAndMask(Messenger):
@@ -194,3 +216,62 @@ def test_log_px_is_the_model_density_whatever_scale_training_used(model_and_batc
     expected = log_likelihood(vae, x, 20)
     pyro.set_rng_seed(0)
     assert log_likelihood(scaled, x, 20) == pytest.approx(expected, rel=1e-6)
+
+
+class _StickingTheLandingIWAE(DReG_ELBO):
+    """IWAE with the guide's score term dropped but w~ instead of w~^2: biased."""
+
+    def path_weights(self, weights):
+        return weights
+
+
+def _mean_gradients(vae, elbo, x, calls, replicas):
+    """Mean and standard error of each encoder and decoder gradient coordinate.
+
+    Each call scores ``replicas`` copies of ``x`` at once: its gradient is the sum of
+    ``replicas`` independent draws.
+    """
+    groups = parameter_groups(vae)
+    draws = {name: [] for name in groups}
+    xs = x.repeat(replicas, 1)
+    for _ in range(calls):
+        for p in vae.parameters():
+            p.grad = None
+        elbo.loss_and_grads(vae.model, vae.guide, xs)
+        for name, params in groups.items():
+            draws[name].append(torch.cat([p.grad.flatten() for p in params]) / replicas)
+    stats = {}
+    for name, d in draws.items():
+        d = torch.stack(d).double()
+        stats[name] = (d.mean(0), d.std(0) / math.sqrt(calls))
+    return stats
+
+
+def test_dreg_gradients_are_the_iwae_gradients_in_expectation_and_stl_is_biased():
+    """Tucker et al. 2019: DReG is unbiased for the IWAE bound's gradient; weighting the
+    path gradients by w~ instead of w~^2 is not. The model's gradient is IWAE's draw by draw."""
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=2, hidden=(8,))
+    x = ImageBatches(load_dataset("digits")).test_images[:10]
+    k = 4
+    estimates = {}
+    for name, elbo in [
+        ("iwae", estimators.build(f"iwae:{k}")),
+        ("dreg", DReG_ELBO(k)),
+        ("stl", _StickingTheLandingIWAE(k)),
+    ]:
+        pyro.set_rng_seed(1)
+        estimates[name] = _mean_gradients(vae, elbo, x, calls=60, replicas=50)
+
+    def z(a, b, group):
+        (ma, sa), (mb, sb) = estimates[a][group], estimates[b][group]
+        varies = (sa > 0) & (sb > 0)
+        return ((ma - mb) / (sa.square() + sb.square()).sqrt())[varies]
+
+    torch.testing.assert_close(
+        estimates["dreg"]["decoder"][0], estimates["iwae"]["decoder"][0], rtol=1e-4, atol=1e-4
+    )
+    agree = z("dreg", "iwae", "encoder")
+    assert (agree.abs() < 4).float().mean() > 0.98 and agree.abs().mean() < 1.3, agree
+    biased = z("stl", "iwae", "encoder")
+    assert (biased.abs() > 4).float().mean() > 0.3, biased

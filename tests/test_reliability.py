@@ -2,7 +2,6 @@
 
 import io
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -47,21 +46,39 @@ def test_two_epochs_then_resume_two_equals_four_straight(elbo, tmp_path):
     assert [m["epoch"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
 
 
-# Run the CLI in a child process; with a marker path, the child stalls inside the
-# fsync of a checkpoint's temporary file (written, not yet renamed) and says so.
+# Run the CLI in a child process that stalls at one event and says so by creating a
+# marker file: "step:E:S" (before step S of epoch E), "metrics:N" or "checkpoint:N" (inside
+# the N-th fsync of metrics.jsonl, or of a checkpoint's temporary file: written, not yet
+# renamed), or "-" (never).
 HARNESS = """
 import os, sys, time
-marker = sys.argv[1]
-if marker != "-":
-    real_fsync = os.fsync
+event, marker = sys.argv[1], sys.argv[2]
+
+def stall():
+    open(marker, "w").close()
+    time.sleep(120)
+
+kind, *where = event.split(":")
+if kind == "step":
+    from pyro_vae.divergence import Guard
+    real_step = Guard.step
+    def step(self, fn, *args, epoch, step):
+        if (epoch, step) == tuple(map(int, where)):
+            stall()
+        return real_step(self, fn, *args, epoch=epoch, step=step)
+    Guard.step = step
+elif kind in ("metrics", "checkpoint"):
+    name = {"metrics": "metrics.jsonl", "checkpoint": ".checkpoint.pt."}[kind]
+    real_fsync, seen = os.fsync, [0]
     def fsync(fd):
         real_fsync(fd)
-        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            open(marker, "w").close()
-            time.sleep(60)
+        if name in os.readlink(f"/proc/self/fd/{fd}"):
+            seen[0] += 1
+            if seen[0] == int(where[0]):
+                stall()
     os.fsync = fsync
 from pyro_vae.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 
@@ -72,47 +89,36 @@ def _wait_for(predicate, timeout=120):
         time.sleep(0.02)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to spot the write")
-def test_sigkill_at_random_points_leaves_a_loadable_run_that_resumes_exactly(tmp_path):
-    epochs = 24
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to spot the writes")
+def test_sigkill_at_every_kind_of_moment_leaves_a_loadable_run_that_resumes_exactly(tmp_path):
+    epochs = 12
     flags = ["--epochs", str(epochs), "--hidden", "400", "--latent-dim", "16", "--quiet"]
     assert main(["train", *flags, "--out", str(tmp_path / "straight")]) == 0
     run = tmp_path / "killed"
-    rng = random.Random(0)
-
-    def start(marker, *args):
-        return subprocess.Popen(
-            [sys.executable, "-c", HARNESS, str(marker), *args],
+    events = [
+        "step:3:5",  # in the middle of an epoch
+        "metrics:2",  # an epoch recorded, its checkpoint not yet written
+        "step:6:1",  # at the start of an epoch
+        "checkpoint:1",  # inside a checkpoint write
+        "checkpoint:2",
+    ]
+    for attempt, event in enumerate(events):
+        marker = tmp_path / f"stalled-{attempt}"
+        first = ["train", *flags, "--out", str(run)]
+        args = first if attempt == 0 else ["train", "--resume", str(run), "--quiet"]
+        child = subprocess.Popen(
+            [sys.executable, "-c", HARNESS, event, str(marker), *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-
-    kills = 0
-    for attempt in range(5):
-        done = len(read_metrics(run))
-        marker = tmp_path / f"in-checkpoint-{attempt}" if attempt == 4 else "-"
-        args = (
-            ["train", *flags, "--out", str(run)]
-            if attempt == 0
-            else ["train", "--resume", str(run), "--quiet"]
-        )
-        child = start(marker, *args)
-        if marker == "-":
-            _wait_for(
-                lambda c=child, n=done: len(read_metrics(run)) >= n + 2 or c.poll() is not None
-            )
-            time.sleep(rng.uniform(0, 0.15))
-        else:
-            _wait_for(lambda c=child, m=marker: m.exists() or c.poll() is not None)
-        if child.poll() is None:
-            child.send_signal(signal.SIGKILL)
-            kills += 1
+        _wait_for(lambda c=child, m=marker: m.exists() or c.poll() is not None)
+        assert child.poll() is None, f"the child ended before {event}"
+        child.send_signal(signal.SIGKILL)
         child.wait()
         # Whatever the moment, the run folder stays loadable.
         checkpoint = load_checkpoint(run / "checkpoint.pt")
         assert checkpoint["epoch"] <= len(read_metrics(run))
         load_run(run)
-    assert kills == 5
     assert list(run.glob(".*.tmp")), "the last kill landed inside a checkpoint write"
 
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
