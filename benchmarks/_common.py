@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -21,7 +22,9 @@ def default_data_dir() -> str | None:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """``main()``, with pyro-vae's errors (e.g. no MNIST) as one line and exit code 2."""
+    """``main()``, with pyro-vae's progress logged and its errors (e.g. no MNIST) as one
+    line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main()
     except PyroVAEError as e:

@@ -34,7 +34,7 @@ def main() -> None:
     config.inference.iw_samples = args.iw_samples
     specs = args.estimators.split(",")
     start = time.perf_counter()
-    compare(config, specs, args.out, snr_repeats=args.snr_repeats, overwrite=True, log=print)
+    compare(config, specs, args.out, snr_repeats=args.snr_repeats, overwrite=True)
     print(
         f"command: pyro-vae compare --dataset mnist --epochs {args.epochs} "
         f"--iw-samples {args.iw_samples} --snr-repeats {args.snr_repeats} "

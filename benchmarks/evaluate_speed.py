@@ -38,7 +38,7 @@ def main():
         config = Config()
         config.data.dataset, config.data.data_dir = "mnist", args.data_dir
         config.train.epochs, config.inference.iw_samples = 1, 1
-        train(config, run, progress=False, log=lambda _: None)
+        train(config, run, progress=False)
     vae = load_run(run)
     test = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic").test_images[: args.images]
     before = peak_mb()

@@ -48,7 +48,7 @@ def main() -> None:
         config.inference.iw_samples = 1  # the real evaluation follows
         run_dir = out / f"{prior}-{guide}".replace(":", "")
         start = time.perf_counter()
-        summary = train(config, run_dir, overwrite=True, progress=False, log=lambda _: None)
+        summary = train(config, run_dir, overwrite=True, progress=False)
         train_seconds = time.perf_counter() - start
         evaluated = evaluate_run(run_dir, args.iw_samples, args.data_dir)
         row = {

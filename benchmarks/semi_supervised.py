@@ -42,7 +42,7 @@ def m2_config(args, labels: int, kind: str = "m2") -> Config:
 
 def run(config: Config, run_dir: Path) -> tuple[dict, float]:
     start = time.perf_counter()
-    summary = train(config, run_dir, overwrite=True, progress=False, log=print)
+    summary = train(config, run_dir, overwrite=True, progress=False)
     return summary, time.perf_counter() - start
 
 

@@ -15,7 +15,6 @@ rows = compare(
     ["trace", "meanfield", "iwae:5", "dreg:5", "scorefn"],
     "runs/compare_elbos",
     overwrite=True,
-    log=lambda _: None,
 )
 for r in rows:
     print(

@@ -13,14 +13,18 @@ from torch import nn
 
 import pyro_vae
 from pyro_vae import PyroVAEError, likelihoods
-from pyro_vae.registry import Arg, nonnegative_float
+from pyro_vae.registry import Arg, positive_float
 
 
-@likelihoods.register("student", Arg("DF", nonnegative_float, example="3"))
+@likelihoods.register("student", Arg("DF", positive_float, example="3"))
 class StudentTLikelihood(nn.Module):
     """p(x|z) = prod_d StudentT(x_d | DF, mu_d(z), s_d(z)): a Gaussian robust to outlier pixels."""
 
+    continuous = True  # a density over pixel values: its ELBO may be above 0
+
     def __init__(self, data_dim: int, DF: float):
+        if not DF > 0:  # the spec's parser refuses it too; this guards calls from Python
+            raise PyroVAEError(f"likelihood 'student' needs DF > 0, got {DF}")
         super().__init__()
         self.df = DF
         self.param_dim = 2 * data_dim  # the decoder emits a location and a scale per pixel

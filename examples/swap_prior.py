@@ -31,7 +31,7 @@ if __name__ == "__main__":
         config.model.prior, config.model.latent_dim, config.model.hidden = prior, 8, [128]
         config.train.epochs = 40
         out = f"runs/swap_prior/{prior.replace(':', '')}"
-        summary = pyro_vae.train(config, out, overwrite=True, progress=False, log=lambda _: None)
+        summary = pyro_vae.train(config, out, overwrite=True, progress=False)
         print(
             f"{prior:8s} test ELBO {summary['test_elbo']:7.2f}  log p(x) {summary['log_px']:7.2f}"
         )

@@ -3,33 +3,57 @@
 The CLI only parses arguments into a :class:`~pyro_vae.config.Config` and calls
 the library. Any :class:`~pyro_vae.errors.PyroVAEError` (and any usage error)
 is printed as one line on stderr with exit code 2, never a traceback; a run
-whose loss or gradients became NaN or infinite exits with code 3.
+whose loss or gradients became NaN or infinite exits with code 3. PyTorch and
+Pyro are imported when a command runs, not for ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
 from . import config as config_lib
-from .data import datasets
-from .divergence import TrainingDiverged
-from .elbos import estimators
-from .errors import PyroVAEError
-from .guides import guides
-from .likelihoods import likelihoods
-from .nets import architectures
-from .priors import priors
+from .errors import PyroVAEError, TrainingDiverged
 
 PROG = "pyro-vae"
+
+_REGISTRIES = {
+    "dataset": ("data", "datasets"),
+    "architecture": ("nets", "architectures"),
+    "prior": ("priors", "priors"),
+    "likelihood": ("likelihoods", "likelihoods"),
+    "guide": ("guides", "guides"),
+    "estimator": ("elbos", "estimators"),
+}
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(_REGISTRIES) + r")\}")
+
+
+def _choices(kind: str) -> str:
+    module, name = _REGISTRIES[kind]
+    return getattr(importlib.import_module(f".{module}", __package__), name).choices()
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Fills in ``{prior}`` and friends with the registries' choices, only when help is shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        return _PLACEHOLDER.sub(lambda m: _choices(m.group(1)), text) if text else text
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -37,10 +61,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_list(text: str) -> list[int]:
     try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
+        return config_lib.parse_int_list(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 400,200, got {text!r}") from None
-    return sizes
+
+
+def _default(section: str, key: str) -> str:
+    """A config field's default, as the help shows it (the config is where it is set)."""
+    value = getattr(getattr(config_lib.Config(), section), key)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # flag -> (config section, key)
@@ -77,22 +108,30 @@ TRAIN_FLAGS = {
 
 def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     """The flags that set config fields, shared by train and compare."""
+    d = _default
     p.add_argument("config", nargs="?", help="a TOML config (e.g. a run's config.toml)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"{datasets.choices()} (default: digits)")
+    g.add_argument("--dataset", help=f"{{dataset}} (default: {d('data', 'dataset')})")
     g.add_argument("--data-dir", help="folder with the data (default: $PYRO_VAE_DATA or cache)")
-    g.add_argument("--binarize", help="dynamic (default), static or none")
+    g.add_argument("--binarize", help=f"dynamic, static or none (default: {d('data', 'binarize')})")
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        help="vae (default); m2 or m1m2: semi-supervised (Kingma et al. 2014), see below",
+        help=f"vae; m2 or m1m2: semi-supervised (Kingma et al. 2014), see below "
+        f"(default: {d('model', 'kind')})",
     )
-    g.add_argument("--arch", help=f"{architectures.choices()} (default: mlp)")
-    g.add_argument("--hidden", type=_int_list, help="hidden sizes, e.g. 400 or 400,200")
-    g.add_argument("--latent-dim", type=int, help="size of z (default: 50)")
-    g.add_argument("--prior", help=f"{priors.choices()} (default: normal)")
-    g.add_argument("--likelihood", help=f"{likelihoods.choices()} (default: bernoulli)")
-    g.add_argument("--guide", help=f"{guides.choices()} (default: normal)")
+    g.add_argument("--arch", help=f"{{architecture}} (default: {d('model', 'arch')})")
+    g.add_argument(
+        "--hidden",
+        type=_int_list,
+        help=f"hidden sizes, e.g. 400 or 400,200 (default: {d('model', 'hidden')})",
+    )
+    g.add_argument(
+        "--latent-dim", type=int, help=f"size of z (default: {d('model', 'latent_dim')})"
+    )
+    g.add_argument("--prior", help=f"{{prior}} (default: {d('model', 'prior')})")
+    g.add_argument("--likelihood", help=f"{{likelihood}} (default: {d('model', 'likelihood')})")
+    g.add_argument("--guide", help=f"{{guide}} (default: {d('model', 'guide')})")
     g.add_argument(
         "--plugin",
         action="append",
@@ -101,17 +140,37 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     )
     g = p.add_argument_group("inference")
     g.add_argument("--elbo", action="append" if "repeat" in elbo_help else None, help=elbo_help)
-    g.add_argument("--particles", type=int, help="particles per ELBO estimate (default: 1)")
-    g.add_argument("--iw-samples", type=int, help="K for the final log p(x) (default: 100)")
+    g.add_argument(
+        "--particles",
+        type=int,
+        help=f"particles per ELBO estimate (default: {d('inference', 'num_particles')})",
+    )
+    g.add_argument(
+        "--iw-samples",
+        type=int,
+        help=f"K for the final log p(x) (default: {d('inference', 'iw_samples')})",
+    )
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="passes over the training set (default: 10)")
+    g.add_argument(
+        "--epochs", type=int, help=f"passes over the training set (default: {d('train', 'epochs')})"
+    )
     g.add_argument("--seconds", type=float, help="stop after this much training time (s)")
-    g.add_argument("--batch-size", type=int, help="images per SVI step (default: 128)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
-    g.add_argument("--seed", type=int, help="random seed (default: 0)")
-    g.add_argument("--device", help="cpu (default), cuda, cuda:N or auto")
-    g.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default: 1)")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm at this value")
+    g.add_argument(
+        "--batch-size", type=int, help=f"images per SVI step (default: {d('train', 'batch_size')})"
+    )
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d('train', 'lr')})")
+    g.add_argument("--seed", type=int, help=f"random seed (default: {d('train', 'seed')})")
+    g.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {d('train', 'device')})")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"epochs between checkpoints (default: {d('train', 'checkpoint_every')})",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=float,
+        help="clip the global norm of all gradients together at this value (default: no clipping)",
+    )
     g.add_argument(
         "--validate",
         action="store_const",
@@ -126,14 +185,24 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
         help="override any config field, e.g. --set model.latent_dim=20",
     )
     g = p.add_argument_group("semi-supervised (--model m2 or m1m2)")
-    g.add_argument("--labeled", type=int, help="class-balanced labelled images (default: 100)")
-    g.add_argument("--aux-weight", type=float, help="alpha of alpha*log q(y|x) (default: 50)")
+    g.add_argument(
+        "--labeled",
+        type=int,
+        help=f"class-balanced labelled images (default: {d('semi', 'labeled')})",
+    )
+    g.add_argument(
+        "--aux-weight",
+        type=float,
+        help=f"alpha of alpha*log q(y|x) (default: {d('semi', 'aux_weight')})",
+    )
     g.add_argument(
         "--validation", type=int, help="training images held out (default: 10000, 1/5 if fewer)"
     )
     g.add_argument("--m1-run", help="m1m2: a trained VAE run whose latent means M2 models")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", action="store_true", help="print the final summary line only (no progress)"
+    )
 
 
 def _add_train(subparsers) -> None:
@@ -142,7 +211,7 @@ def _add_train(subparsers) -> None:
         help="train a VAE and write a run directory",
         description="Train a VAE with SVI. Precedence: defaults < CONFIG.toml < flags < --set.",
     )
-    _add_config_flags(p, f"{estimators.choices()} (default: trace)")
+    _add_config_flags(p, f"{{estimator}} (default: {_default('inference', 'elbo')})")
     p.add_argument("--out", help="run directory (default: runs/DATASET-TIME)")
     p.add_argument(
         "--resume",
@@ -161,8 +230,13 @@ def _add_compare(subparsers) -> None:
             "test ELBO, log p(x), each estimator's own bound, speed and gradient SNR."
         ),
     )
-    _add_config_flags(p, f"an estimator to compare (repeat): {estimators.choices()}")
-    p.add_argument("--snr-repeats", type=int, default=100, help="gradient draws for SNR")
+    _add_config_flags(p, "an estimator to compare (repeat): {estimator}")
+    p.add_argument(
+        "--snr-repeats",
+        type=int,
+        default=config_lib.SNR_REPEATS,
+        help=f"gradient draws for the SNR (default: {config_lib.SNR_REPEATS})",
+    )
     p.add_argument("--out", required=True, help="folder for the runs and the tables")
 
 
@@ -176,9 +250,20 @@ def _add_evaluate(subparsers) -> None:
         ),
     )
     p.add_argument("run_dir", help="a run directory written by 'pyro-vae train'")
-    p.add_argument("--iw-samples", type=int, default=None, help="K per image (default: config)")
+    p.add_argument(
+        "--iw-samples", type=int, default=None, help="K per image (default: the run's config)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the Monte Carlo draws (default: 0, as the training run's own figures)",
+    )
     p.add_argument("--data-dir", help="folder with the data (default: as trained)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _add_run_plugin_flag(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_sample(subparsers) -> None:
@@ -191,9 +276,22 @@ def _add_sample(subparsers) -> None:
         ),
     )
     p.add_argument("run_dir", help="a run directory written by 'pyro-vae train'")
-    p.add_argument("-n", type=int, default=100, help="how many images (default: 100)")
+    p.add_argument(
+        "-n", type=int, default=100, help=f"how many images, up to {MAX_SAMPLES} (default: 100)"
+    )
     p.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_run_plugin_flag(p)
+
+
+def _add_run_plugin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="the run's plugin module or .py file, where it is now (repeatable; default: "
+        "the paths the run recorded)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +319,7 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import resume, train
+    from .train import resume, summary_line, train
 
     if args.resume:
         changed = [f"--{f.replace('_', '-')}" for f in TRAIN_FLAGS if f != "epochs"]
@@ -233,9 +331,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--resume continues a run as it was configured; drop {', '.join(changed)} "
                 f"(only --epochs may change)"
             )
-        resume(args.resume, epochs=args.epochs, progress=not args.quiet)
-        return
-    train(train_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
+        summary = resume(args.resume, epochs=args.epochs, progress=not args.quiet)
+    else:
+        config = train_config(args)
+        summary = train(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(summary_line(summary))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -257,25 +357,44 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_run
+    from .train import summary_line
 
-    result = evaluate_run(args.run_dir, args.iw_samples, args.data_dir, args.device)
-    print(json.dumps(result, indent=2))
+    result = evaluate_run(
+        args.run_dir,
+        args.iw_samples,
+        args.data_dir,
+        args.device,
+        seed=args.seed,
+        plugins=args.plugin,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{summary_line(result)}  [seed {result['seed']}]")
+
+
+MAX_SAMPLES = 10_000
+"""Images in one grid of ``pyro-vae sample``: more is not a picture anyone looks at."""
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import pyro
 
+    from .memory import too_large
     from .plots import image_grid
     from .runs import load_run
 
-    if args.n < 1:
-        raise PyroVAEError(f"-n must be >= 1, got {args.n}")
-    vae = load_run(args.run_dir)
-    pyro.set_rng_seed(args.seed)
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise PyroVAEError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise PyroVAEError(f"folder {Path(args.out).parent} does not exist")
+    vae = load_run(args.run_dir, plugins=args.plugin)
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples.png"
-    if not out.parent.is_dir():
-        raise PyroVAEError(f"folder {out.parent} does not exist")
-    image_grid(vae.generate(args.n), vae.image_shape, out, ncols=getattr(vae, "num_classes", 10))
+    pyro.set_rng_seed(args.seed)
+    with too_large(f"-n {args.n} images of {vae.image_shape}"):
+        images = vae.generate(args.n)
+        image_grid(images, vae.image_shape, out, ncols=getattr(vae, "num_classes", 10))
     print(out)
 
 
@@ -287,8 +406,31 @@ COMMANDS = {
 }
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes each record to ``sys.stdout`` as it is at that moment (tests swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
+def _log_to_stdout(quiet: bool) -> None:
+    """The library logs progress to the ``pyro_vae`` logger; the CLI shows it, unless quiet."""
+    logger = logging.getLogger("pyro_vae")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stdout(getattr(args, "quiet", False))
     try:
         COMMANDS[args.command](args)
     except TrainingDiverged as e:
@@ -296,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except PyroVAEError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        from .memory import describe_out_of_memory, is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"{PROG} {args.command}: error: {describe_out_of_memory(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 
-from .config import Config, validate
+from .config import SNR_REPEATS, Config, validate
 from .data import ImageBatches, load_dataset
 from .elbos import bound_estimator, estimators
 from .errors import PyroVAEError
@@ -28,6 +29,8 @@ from .models import VAE
 from .plots import save_figure
 from .runs import atomic_write, load_run, prepare_run_dir, read_metrics
 from .train import train
+
+log = logging.getLogger(__name__)
 
 SNR_SEED = 12345
 """Seed of the fixed batch and the repeated gradient draws, the same for every estimator."""
@@ -110,10 +113,9 @@ def compare(
     specs: list[str],
     out: str | Path,
     *,
-    snr_repeats: int = 100,
+    snr_repeats: int = SNR_REPEATS,
     overwrite: bool = False,
     progress: bool = False,
-    log=print,
 ) -> list[dict[str, Any]]:
     """Train one run per estimator in ``specs`` under ``out`` and write compare.csv/.md/.png."""
     if config.model.kind != "vae":
@@ -143,9 +145,9 @@ def compare(
 
     rows = []
     for spec, c in zip(specs, configs, strict=True):
-        log(f"== {spec}")
+        log.info("== %s", spec)
         run_dir = out / run_name(spec)
-        summary = train(c, run_dir, overwrite=overwrite, progress=progress, log=log)
+        summary = train(c, run_dir, overwrite=overwrite, progress=progress)
         vae = load_run(run_dir)
         pyro.set_rng_seed(SNR_SEED)
         start = time.perf_counter()
@@ -172,9 +174,11 @@ def compare(
                 "snr_decoder": snr["decoder"],
             }
         )
-        log(
-            f"   SNR encoder {snr['encoder']:.3f} decoder {snr['decoder']:.3f} "
-            f"({time.perf_counter() - start:.1f}s)"
+        log.info(
+            "   SNR encoder %.3f decoder %.3f (%.1fs)",
+            snr["encoder"],
+            snr["decoder"],
+            time.perf_counter() - start,
         )
     write_tables(rows, out)
     plot_curves(specs, out)

@@ -27,6 +27,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 BINARIZATIONS = ("dynamic", "static", "none")
+SNR_REPEATS = 100
+"""Gradient draws per estimator for the gradient SNR of ``pyro-vae compare``."""
 
 
 @dataclass
@@ -101,6 +103,26 @@ def _field_types(section: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section)}
 
 
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"400,200"`` (or ``"[400, 200]"``) as ``[400, 200]``; an empty entry is an error."""
+    parts = [t.strip() for t in text.strip().strip("[]").split(",")]
+    if parts == [""]:
+        return []
+    if "" in parts:
+        raise ValueError(f"an empty entry in {text!r}")
+    return [int(t) for t in parts]
+
+
+def _check_int(where: str, value: int) -> int:
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise PyroVAEError(f"{where} is too large: {str(value)[:20]}... (at most {INT64_MAX})")
+    return value
+
+
 def _coerce(where: str, kind: Any, value: Any) -> Any:
     """Check a TOML value against a field type (ints are accepted for floats)."""
     optional = type(None) in typing.get_args(kind)
@@ -113,7 +135,7 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
         if isinstance(value, list) and all(
             isinstance(v, item) and not isinstance(v, bool) for v in value
         ):
-            return list(value)
+            return [_check_int(where, v) for v in value] if item is int else list(value)
         what = "whole numbers" if item is int else "strings"
         raise PyroVAEError(f"{where} must be a list of {what}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -123,7 +145,7 @@ def _coerce(where: str, kind: Any, value: Any) -> Any:
             raise PyroVAEError(f"{where} is too large: {str(value)[:20]}...") from None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise PyroVAEError(f"{where} must be of type {kind.__name__}, got {value!r}")
-    return value
+    return _check_int(where, value) if kind is int else value
 
 
 def from_dict(tree: dict[str, Any], base: Config | None = None) -> Config:
@@ -203,7 +225,9 @@ def _parse_text(where: str, kind: Any, text: str) -> Any:
     try:
         if typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)
-            return [item(t.strip()) for t in text.strip("[]").split(",") if t.strip()]
+            if item is int:
+                return parse_int_list(text)
+            return [t.strip() for t in text.strip("[]").split(",") if t.strip()]
         if kind is int:
             return int(text)
         if kind is float:
@@ -264,7 +288,7 @@ def validate(config: Config) -> Config:
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
-        (t.seed >= 0, "train.seed must be >= 0"),
+        (0 <= t.seed <= SEED_MAX, f"train.seed must be in 0 .. {SEED_MAX}"),
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (s.labeled >= 1, "semi.labeled must be >= 1"),

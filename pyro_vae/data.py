@@ -9,6 +9,7 @@ compare across runs. No DataLoader and no per-item Python work.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch
 
 from .errors import PyroVAEError
 from .registry import Registry
+
+log = logging.getLogger(__name__)
 
 datasets = Registry("dataset")
 
@@ -72,16 +75,38 @@ def _torchvision_dataset(cls_name: str, name: str, data_dir: str | None) -> Data
 
 
 def _download(cls, name: str, root: Path) -> list:
+    """Download both splits into ``root``; on failure, say why and leave nothing behind."""
+    folder = root / cls.__name__
+    raw = folder / "raw"
+    created = [d for d in (*reversed(root.parents), root, folder, raw) if not d.exists()]
+    before = set(raw.iterdir()) if raw.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         return [cls(str(root), train=train, download=True) for train in (True, False)]
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        for path in set(raw.iterdir()) - before if raw.is_dir() else ():
+            if path.is_file():
+                path.unlink()
+        for d in reversed(created):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         raise PyroVAEError(
-            f"{name} is not in {root} and could not be downloaded ({reason}); "
-            f"point --data-dir (or $PYRO_VAE_DATA) at a folder that has it, "
-            f"or use --dataset digits, which needs no network"
+            f"{name} is not in {root} and could not be downloaded ({_download_failure(e)}); "
+            f"point --data-dir (or $PYRO_VAE_DATA) at a folder holding "
+            f"{cls.__name__}/raw/*-ubyte, or use --dataset digits, which needs no network"
         ) from None
+
+
+def _download_failure(error: Exception) -> str:
+    """The reasons in torchvision's download error: the lines after "Tried MIRROR, got:"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [
+        line
+        for line in lines
+        if not line.startswith(("Error downloading", "Tried ", "Failed to download"))
+    ]
+    unique = list(dict.fromkeys(reasons))
+    return "; ".join(unique)[:300] if unique else type(error).__name__
 
 
 @datasets.register("mnist")
@@ -110,6 +135,19 @@ def digits(data_dir: str | None = None) -> Dataset:
     labels = torch.from_numpy(bunch.target[order].astype(np.int64))
     n = len(labels) - DIGITS_TEST_SIZE
     return Dataset("digits", (8, 8), 16, images[:n], labels[:n], images[n:], labels[n:])
+
+
+def batch_size_used(batch_size: int, images: int) -> int:
+    """The batch a step takes: ``batch_size``, or all ``images`` when there are fewer (said)."""
+    if batch_size > images:
+        log.warning(
+            "--batch-size %d is more than the %d training images: each step takes all %d",
+            batch_size,
+            images,
+            images,
+        )
+        return images
+    return batch_size
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import PyroVAEError
+from .errors import TrainingDiverged
 
-
-class TrainingDiverged(PyroVAEError):
-    """A loss or parameter became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["Guard", "TrainingDiverged", "finite"]
 
 
 def finite(tensors: list[torch.Tensor]) -> bool:
@@ -69,8 +67,10 @@ class Guard:
             raise self.error("the parameters", f"in epoch {epoch}")
 
     def error(self, what: str, when: str) -> TrainingDiverged:
-        kept = f"the checkpoint of epoch {self.last_saved}" if self.last_saved else "no checkpoint"
+        if self.last_saved:
+            kept = f"the checkpoint of epoch {self.last_saved} in {self.run_dir} is kept"
+        else:
+            kept = "before any checkpoint was written"
         return TrainingDiverged(
-            f"{what} became NaN or infinite {when}; {kept} in {self.run_dir} is kept "
-            f"(try a lower --lr or --clip-grad)"
+            f"{what} became NaN or infinite {when}; {kept} (try a lower --lr or --clip-grad)"
         )

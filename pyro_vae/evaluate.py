@@ -8,17 +8,19 @@ expectation rises towards log p(x) with K and is never below the ELBO.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
 
 from .elbos import log_density, vectorized_traces
 from .errors import PyroVAEError
@@ -85,23 +87,85 @@ def _widest(vae: VAE) -> int:
     return max(widths)
 
 
+ONE_DAY = 24 * 3600.0
+"""Longest evaluation started: a K that would take longer is refused after its first chunk."""
+
+EVAL_SEED = 0
+"""Seed of the held-out numbers' Monte Carlo draws, unless one is given."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Draw from torch's generators seeded with ``seed`` inside, and leave them as they were.
+
+    Evaluation then gives the same number for the same model every time, and does not
+    shift the training run's random stream.
+    """
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def test_elbo(vae: VAE, x: torch.Tensor, seed: int = EVAL_SEED) -> float:
+    """:func:`elbo` with its draws seeded: the same model gives the same number."""
+    with seeded(seed, x.device):
+        return elbo(vae, x)
+
+
+def test_log_likelihood(
+    vae: VAE, x: torch.Tensor, num_samples: int, seed: int = EVAL_SEED, **options: Any
+) -> float:
+    """:func:`log_likelihood` with its draws seeded: the same model gives the same number."""
+    with seeded(seed, x.device):
+        return log_likelihood(vae, x, num_samples, **options)
+
+
+def _chunks(vae: VAE, x: torch.Tensor, num_samples: int, max_elements: int) -> tuple[int, int]:
+    """Images per batch and samples per chunk, at most ``max_elements`` values per layer."""
+    width = _widest(vae)
+    batch = max(1, min(len(x), max_elements // (width * min(num_samples, 100))))
+    chunk = max(1, min(num_samples, max_elements // (width * batch)))
+    return batch, chunk
+
+
+def _refuse_if_too_slow(seconds: float, chunks: int, num_samples: int, n: int, limit: float):
+    projected = seconds * chunks
+    if projected > limit:
+        raise PyroVAEError(
+            f"log p(x) with K={num_samples:,} samples on {n:,} images would take about "
+            f"{projected / 3600:,.0f} hours at this speed ({seconds:.3g} s per chunk of "
+            f"{chunks:,}); choose a smaller --iw-samples"
+        )
+
+
 @torch.no_grad()
 def log_likelihood(
     vae: VAE,
     x: torch.Tensor,
     num_samples: int,
     max_elements: int = MAX_ELEMENTS,
+    *,
+    max_seconds: float = ONE_DAY,
+    progress: bool = False,
 ) -> float:
     """Importance-sampled log p(x) with ``num_samples`` guide draws per image, per image.
 
     Images and samples are processed in chunks of at most ``max_elements`` values
     per layer, so memory stays bounded for K = 5000 on all of MNIST; the chunks are
-    combined with logsumexp, which leaves the estimate unchanged.
+    combined with logsumexp, which leaves the estimate unchanged. The first chunk is
+    timed, and a K that would take more than ``max_seconds`` is refused then.
     """
-    width = _widest(vae)
-    batch = max(1, min(len(x), max_elements // (width * min(num_samples, 100))))
-    chunk = max(1, min(num_samples, max_elements // (width * batch)))
-    total = 0.0
+    batch, chunk = _chunks(vae, x, num_samples, max_elements)
+    chunks = math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
+    bar = tqdm(
+        total=chunks,
+        desc=f"log p(x), K={num_samples}",
+        leave=False,
+        disable=None if progress else True,
+    )
+    started, done, total = time.perf_counter(), 0, 0.0
     for xb in x.split(batch):
         parts = []
         for start in range(0, num_samples, chunk):
@@ -109,9 +173,35 @@ def log_likelihood(
                 torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
             )
             release_freed_memory()
+            done += 1
+            bar.update()
+            if done == 1:
+                seconds = time.perf_counter() - started
+                _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
         per_image = torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
         total += per_image.sum().item()
+    bar.close()
     return total / len(x)
+
+
+def check_log_likelihood_time(
+    vae: VAE, x: torch.Tensor, num_samples: int, max_seconds: float = ONE_DAY
+) -> None:
+    """Refuse, before training, a final log p(x) that would take more than ``max_seconds``.
+
+    Times one chunk on the model as it is (with its own random draws, which leave the
+    training's stream alone); only for K x images above 10^7, where it can matter.
+    """
+    if num_samples * len(x) <= 10**7:
+        return
+    batch, chunk = _chunks(vae, x, num_samples, MAX_ELEMENTS)
+    chunks = math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
+    with seeded(EVAL_SEED, x.device), torch.no_grad():
+        started = time.perf_counter()
+        log_weights(vae, x[:batch], min(chunk, num_samples))
+        seconds = time.perf_counter() - started
+    release_freed_memory()
+    _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
 
 
 def evaluate_run(
@@ -119,35 +209,51 @@ def evaluate_run(
     iw_samples: int | None = None,
     data_dir: str | None = None,
     device: str = "cpu",
+    *,
+    seed: int = EVAL_SEED,
+    plugins: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Test ELBO and log p(x) of a run on its test set, stored into its summary.json.
+    """Test ELBO and log p(x) of a run on its test set, with draws seeded by ``seed``.
 
     For a semi-supervised run (M2, M1+M2): test accuracy and the ELBO with y summed out.
+    The result is added to the run's ``summary.json`` under ``evaluations`` (one entry
+    per K and seed), beside the training run's own figures, which stay as they were.
+    With the training's K and the default seed, it repeats the training's final numbers.
+    ``plugins`` replaces the plugin files the run recorded (when they have moved).
     """
     from .data import ImageBatches, load_dataset
+    from .devices import resolve_device
     from .runs import SUMMARY_FILE, load_run, write_json
-    from .train import resolve_device
 
     device = resolve_device(device)
-    vae = load_run(run_dir, device)
+    vae = load_run(run_dir, device, plugins=plugins)
     config = vae.config
     k = config.inference.iw_samples if iw_samples is None else iw_samples
     if k < 1:
         raise PyroVAEError(f"--iw-samples must be >= 1, got {k}")
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
     data = ImageBatches(dataset, config.data.binarize, device)
-    pyro.set_rng_seed(config.train.seed)
     start = time.perf_counter()
     if config.model.kind == "vae":
         test = data.test_images
-        result = {"test_elbo": elbo(vae, test), "log_px": log_likelihood(vae, test, k)}
-        result["iw_samples"] = k
+        result = {
+            "test_elbo": test_elbo(vae, test, seed),
+            "log_px": test_log_likelihood(vae, test, k, seed, progress=progress),
+            "iw_samples": k,
+            "continuous": getattr(vae.likelihood, "continuous", False),
+        }
     else:
         from . import semi
 
-        result = semi.evaluate(vae, data)
+        result = semi.evaluate(vae, data, seed)
+    result["seed"] = seed
     result["eval_seconds"] = time.perf_counter() - start
     summary_path = Path(run_dir) / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    write_json(summary_path, {**summary, **result})
+    same = ("iw_samples", "seed")
+    earlier = [
+        e for e in summary.get("evaluations", []) if any(e.get(f) != result.get(f) for f in same)
+    ]
+    write_json(summary_path, {**summary, "evaluations": [*earlier, result]})
     return result

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .distributions import DiagonalNormal
-from .registry import Arg, Registry
+from .registry import Arg, Registry, check_positive
 
 guides = Registry("guide")
 
@@ -47,6 +47,7 @@ class LowRankNormalGuide(nn.Module):
     """
 
     def __init__(self, latent_dim: int, R: int):
+        check_positive(latent_dim=latent_dim, R=R)
         super().__init__()
         self.latent_dim, self.rank = latent_dim, R
         self.param_dim = latent_dim * (2 + R)
@@ -69,6 +70,7 @@ class IAFGuide(nn.Module):
     """
 
     def __init__(self, latent_dim: int, N: int):
+        check_positive(latent_dim=latent_dim, N=N)
         super().__init__()
         self.latent_dim = latent_dim
         self.context_dim = latent_dim

@@ -3,7 +3,10 @@
 A likelihood turns the decoder's unconstrained output (logits, locations, log
 scales) into a Pyro distribution over the flattened image, an event of size D.
 It says how many decoder outputs it needs (``param_dim``) and refuses data
-outside its support before any training starts (``check_support``).
+outside its support before any training starts (``check_support``). One that is
+a density over continuous pixel values says so (``continuous = True``): its
+log-likelihoods, and so its ELBOs, can be above 0 and do not compare with those
+of a distribution over discrete values.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class ContinuousBernoulliLikelihood(nn.Module):
     normalizing constant, so the ELBO is a real bound for non-binary pixels.
     """
 
+    continuous = True
+
     def __init__(self, data_dim: int):
         super().__init__()
         self.param_dim = data_dim
@@ -80,6 +85,7 @@ class _LearnedScaleLikelihood(nn.Module):
 
     family: type
     name: str
+    continuous = True
     MIN_SCALE = 0.01
 
     def __init__(self, data_dim: int):

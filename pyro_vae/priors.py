@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .distributions import DiagonalNormal, Normal
-from .registry import Arg, Registry
+from .registry import Arg, Registry, check_positive
 
 priors = Registry("prior")
 _SCALAR = torch.Size()
@@ -57,6 +57,7 @@ class MixtureOfGaussiansPrior(nn.Module):
     """
 
     def __init__(self, latent_dim: int, K: int):
+        check_positive(latent_dim=latent_dim, K=K)
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(K))
         self.locs = nn.Parameter(torch.randn(K, latent_dim))
@@ -153,6 +154,7 @@ class VampPrior(nn.Module):
     """
 
     def __init__(self, latent_dim: int, data_dim: int, encode: Callable, K: int):
+        check_positive(latent_dim=latent_dim, K=K)
         super().__init__()
         self.encode = encode
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(K, data_dim))
@@ -172,6 +174,7 @@ class FlowPrior(nn.Module):
     """
 
     def __init__(self, latent_dim: int, N: int):
+        check_positive(latent_dim=latent_dim, N=N)
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -34,15 +35,44 @@ def positive_int(text: str) -> int:
     return value
 
 
-def nonnegative_float(text: str) -> float:
-    """Parse a finite number >= 0 (raises ValueError with the rule it broke)."""
+def _float_in(text: str, ok: Callable[[float], bool], rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ValueError("must be a finite number >= 0")
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"must be {rule}")
     return value
+
+
+def nonnegative_float(text: str) -> float:
+    """Parse a finite number >= 0 (raises ValueError with the rule it broke)."""
+    return _float_in(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def positive_float(text: str) -> float:
+    """Parse a finite number > 0 (a scale, a rate, degrees of freedom)."""
+    return _float_in(text, lambda v: v > 0, "a finite number > 0")
+
+
+def unit_interval_float(text: str) -> float:
+    """Parse a number in [0, 1] (a probability, a mixing weight)."""
+    return _float_in(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def open_unit_interval_float(text: str) -> float:
+    """Parse a number strictly between 0 and 1 (a quantile, a momentum)."""
+    return _float_in(text, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+
+
+def check_positive(**values: Any) -> None:
+    """Refuse, naming it, any of ``values`` that is not a whole number >= 1.
+
+    For component constructors, which Python code may call without a spec string.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PyroVAEError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +153,10 @@ class Registry:
         name, *texts = spec.strip().split(":")
         entry = self._entries.get(name)
         if entry is None:
-            raise PyroVAEError(f"unknown {self.kind} {spec!r}; choose from: {self.choices()}")
+            raise PyroVAEError(
+                f"unknown {self.kind} {spec!r}; choose from: {self.choices()} "
+                f"(components from a plugin need --plugin FILE)"
+            )
         if len(texts) > len(entry.args):
             raise PyroVAEError(f"{self.kind} {spec!r} has too many arguments; usage: {entry.usage}")
         values: dict[str, Any] = {}
@@ -185,3 +218,9 @@ def import_plugins(plugins: list[str]) -> None:
                 importlib.import_module(plugin)
         except (ImportError, OSError, SyntaxError) as e:
             raise PyroVAEError(f"cannot import plugin {plugin!r}: {e}") from None
+        except Exception as e:  # the plugin's own code raised: say which plugin, and what
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PyroVAEError(
+                f"plugin {plugin!r} failed while importing: {type(e).__name__}"
+                + (f": {first}" if first else "")
+            ) from None

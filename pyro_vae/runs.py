@@ -112,6 +112,28 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
     return run_dir
 
 
+PICTURES = (
+    "reconstructions.png",
+    "samples.png",
+    "elbo.png",
+    "conditional_samples.png",
+    "analogies.png",
+    "accuracy.png",
+)
+
+
+def discard_run_dir(run_dir: str | Path, remove_folder: bool) -> None:
+    """Undo a run that failed before its first checkpoint: delete the files a run writes
+    (and the folder, if ``remove_folder`` and nothing else is in it)."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, *PICTURES):
+        (run_dir / name).unlink(missing_ok=True)
+    for torn in run_dir.glob(".*.tmp"):
+        torn.unlink(missing_ok=True)
+    if remove_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def rng_state(data=None) -> dict[str, Any]:
     """torch, numpy and Python RNG states as tensors and plain data (weights_only-safe), and
     the data pipeline's own (an ``ImageBatches``' binarization noise) when given ``data``."""
@@ -196,6 +218,17 @@ def checkpoint_payload(
     return payload
 
 
+def _import_run_plugins(config: Config, given: bool) -> None:
+    try:
+        import_plugins(config.model.plugins)
+    except PyroVAEError as e:
+        if given:
+            raise
+        raise PyroVAEError(
+            f"{e}; if the plugin has moved, give its new place with --plugin FILE"
+        ) from None
+
+
 def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
     """The VAE a config describes, for images of ``image_shape``."""
     m = config.model
@@ -234,13 +267,25 @@ def build_model(
     return M1M2(m1, **options)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """The trained model of a run directory, in eval mode, with its config as ``.config``."""
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", plugins: list[str] | None = None
+):
+    """The trained model of a run directory, in eval mode, with its config as ``.config``.
+
+    A run imports the plugins its config lists, by the absolute paths they had when it
+    was trained; ``plugins`` (``--plugin`` of ``evaluate`` and ``sample``) replaces
+    them, for a plugin file that has moved.
+    """
     checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_FILE, map_location=device)
     config = config_lib.from_dict(checkpoint["config"])
+    if plugins is not None:
+        config.model.plugins = config_lib.resolve_plugin_paths(plugins, Path.cwd())
+    _import_run_plugins(config, plugins is not None)
     m1 = None
     if config.model.kind == "m1m2":
         m1_config = config_lib.from_dict(checkpoint["m1"]["config"])
+        if plugins is not None:
+            m1_config.model.plugins = config.model.plugins
         m1 = build_vae(m1_config, tuple(checkpoint["m1"]["image_shape"]))
         m1.config = m1_config
     num_classes = checkpoint.get("num_classes", 10)

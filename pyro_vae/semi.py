@@ -10,9 +10,10 @@ cycles through the labelled ones as often as it takes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 from . import plots
 from .config import Config
-from .data import Dataset, ImageBatches
+from .data import Dataset, ImageBatches, batch_size_used
 from .divergence import Guard
 from .errors import PyroVAEError
+from .evaluate import EVAL_SEED, seeded
 from .models import SSVAE
 from .optim import Adam
 from .runs import (
@@ -37,6 +39,8 @@ from .runs import (
     set_rng_state,
     write_json,
 )
+
+log = logging.getLogger(__name__)
 
 VALIDATION_SIZE = 10_000
 """Training images held out for validation (Kingma et al. keep MNIST's last 10,000)."""
@@ -161,7 +165,6 @@ def fit(
     checkpoint: dict | None,
     metrics: list[dict[str, Any]],
     progress: bool,
-    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The semi-supervised loop: SVI steps by epoch, accuracy and a checkpoint per epoch."""
     t, dataset = config.train, data.dataset
@@ -173,11 +176,16 @@ def fit(
     labelled_index = parts.labelled.to(device)
     validation = (data.fixed(parts.validation), dataset.train_labels[parts.validation].to(device))
     test = (data.test_images, dataset.test_labels.to(device))
-    log(
-        f"training {config.model.kind} on {config.data.dataset}: {len(parts.labelled)} labelled, "
-        f"{len(parts.unlabelled)} unlabelled, {len(parts.validation)} validation images "
-        f"-> {run_dir}"
+    log.info(
+        "training %s on %s: %d labelled, %d unlabelled, %d validation images -> %s",
+        config.model.kind,
+        config.data.dataset,
+        len(parts.labelled),
+        len(parts.unlabelled),
+        len(parts.validation),
+        run_dir,
     )
+    batch_size = batch_size_used(t.batch_size, len(parts.unlabelled))
 
     pyro.clear_param_store()
     optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
@@ -231,7 +239,7 @@ def fit(
             record = {
                 "epoch": epoch,
                 "train_loss": total_loss / images,
-                "test_elbo": elbo(model, test[0]),
+                "test_elbo": test_elbo(model, test[0]),
                 "validation_accuracy": accuracy(model, *validation)
                 if len(parts.validation)
                 else None,
@@ -242,10 +250,13 @@ def fit(
             metrics.append(record)
             append_metrics(run_dir, record)
             val = record["validation_accuracy"]
-            log(
-                f"epoch {epoch:3d}  test ELBO {record['test_elbo']:9.2f}  accuracy: "
-                f"validation {'n/a' if val is None else f'{val:.4f}'}  "
-                f"test {record['test_accuracy']:.4f}  {seconds:6.1f}s"
+            log.info(
+                "epoch %3d  test ELBO %9.2f  accuracy: validation %s  test %.4f  %6.1fs",
+                epoch,
+                record["test_elbo"],
+                "n/a" if val is None else f"{val:.4f}",
+                record["test_accuracy"],
+                seconds,
             )
             if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
                 payload = checkpoint_payload(config, model, epoch, optimizer, data=data)
@@ -253,13 +264,10 @@ def fit(
                 guard.last_saved = epoch
 
     summary = summarize(config, metrics, parts)
+    summary["batch_size"] = batch_size
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(run_dir / SUMMARY_FILE, summary)
     save_pictures(model, test[0], run_dir, metrics)
-    log(
-        f"test ELBO {summary['test_elbo']:.2f}  test accuracy {summary['test_accuracy']:.4f} "
-        f"({summary['labeled']} labels)"
-    )
     return summary
 
 
@@ -300,10 +308,16 @@ def save_pictures(model: SSVAE, test_images: torch.Tensor, run_dir: Path, metric
     plots.accuracy_curve(metrics, run_dir / "accuracy.png")
 
 
-def evaluate(model: SSVAE, data: ImageBatches) -> dict[str, float]:
+def test_elbo(model: SSVAE, images: torch.Tensor, seed: int = EVAL_SEED) -> float:
+    """:func:`elbo` with its draws seeded: the same model gives the same number."""
+    with seeded(seed, images.device):
+        return elbo(model, images)
+
+
+def evaluate(model: SSVAE, data: ImageBatches, seed: int = EVAL_SEED) -> dict[str, float]:
     """Test accuracy and test ELBO of a trained semi-supervised model."""
     labels = data.dataset.test_labels.to(data.test_images.device)
     return {
         "test_accuracy": accuracy(model, data.test_images, labels),
-        "test_elbo": elbo(model, data.test_images),
+        "test_elbo": test_elbo(model, data.test_images, seed),
     }

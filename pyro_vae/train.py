@@ -9,6 +9,7 @@ pictures.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -25,10 +26,12 @@ from tqdm.auto import tqdm
 from . import distributed, evaluate, plots
 from .config import Config, dumps, to_dict, validate
 from .config import load as load_config
-from .data import ImageBatches, load_dataset
+from .data import ImageBatches, batch_size_used, load_dataset
+from .devices import resolve_device
 from .divergence import Guard
 from .elbos import estimators, has_bound
 from .errors import PyroVAEError
+from .memory import check_model_fits, limited_to_free_memory, too_large
 from .models import VAE
 from .optim import Adam
 from .runs import (
@@ -41,6 +44,7 @@ from .runs import (
     build_model,
     check_run_dir,
     checkpoint_payload,
+    discard_run_dir,
     load_checkpoint,
     prepare_run_dir,
     read_metrics,
@@ -49,14 +53,7 @@ from .runs import (
     write_json,
 )
 
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda[:N]``, or ``auto`` (a GPU when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PyroVAEError(f"--device {name} asked for, but no CUDA GPU is available; use cpu")
-    return torch.device(name)
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(config: Config) -> Path:
@@ -91,7 +88,16 @@ def _setup(config: Config) -> _Setup:
     data = ImageBatches(dataset, d.binarize, device, seed=t.seed + world.rank)
     pyro.set_rng_seed(t.seed)
     m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
-    model = build_model(config, dataset.image_shape, dataset.num_classes, m1).to(device)
+
+    def build():
+        return build_model(config, dataset.image_shape, dataset.num_classes, m1)
+
+    what = f"the model (--latent-dim {config.model.latent_dim}, --hidden {config.model.hidden})"
+    check_model_fits(build, device, what)
+    with too_large(what):
+        with limited_to_free_memory():
+            model = build()
+        model = model.to(device)
     for images in data.all_images():
         try:
             model.likelihood.check_support(model.features(images) if m1 else images)
@@ -102,6 +108,8 @@ def _setup(config: Config) -> _Setup:
                 f"M1+M2 models the M1 run's latent means, which are real numbers: {e}; "
                 f"use --likelihood gaussian"
             ) from None
+    if config.model.kind == "vae":
+        evaluate.check_log_likelihood_time(model, data.test_images, config.inference.iw_samples)
     if world.distributed:  # the same initial model everywhere, different noise per rank
         pyro.set_rng_seed(t.seed + world.rank)
     return _Setup(device, world, data, model)
@@ -128,11 +136,12 @@ def train(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the VAE that ``config`` describes, writing a run directory to ``out``.
+    """Train the model that ``config`` describes, writing a run directory to ``out``.
 
-    Returns the summary (also written to ``summary.json``).
+    Returns the summary (also written to ``summary.json``). A run that fails before its
+    first checkpoint (a loss that is NaN at the first steps, Ctrl-C, memory) leaves no
+    run folder behind. Progress is logged to the ``pyro_vae`` logger.
     """
     validate(config)
     setup = _setup(config)
@@ -140,12 +149,17 @@ def train(
     run_dir = Path(out or default_run_dir(config))
     check_run_dir(run_dir, overwrite)  # every rank, so that a refusal stops them all
     distributed.barrier(world)
+    created = not run_dir.exists()
     if world.is_main:
         prepare_run_dir(run_dir, overwrite)
         atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
     distributed.barrier(world)
     try:
-        return _fit(config, run_dir, setup, progress=progress, log=log)
+        return _fit(config, run_dir, setup, progress=progress)
+    except BaseException:
+        if world.is_main and not (run_dir / CHECKPOINT_FILE).exists():
+            discard_run_dir(run_dir, remove_folder=created)
+        raise
     finally:
         distributed.finish(world)
 
@@ -155,7 +169,6 @@ def resume(
     *,
     epochs: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Continue a run from its last checkpoint (from the start if it has none yet).
 
@@ -191,10 +204,8 @@ def resume(
     atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics).encode())
     if checkpoint:
         setup.vae.load_state_dict(checkpoint["model"])
-        log(f"resuming {run_dir} after epoch {done}")
-    return _fit(
-        config, run_dir, setup, checkpoint=checkpoint, metrics=metrics, progress=progress, log=log
-    )
+        log.info("resuming %s after epoch %d", run_dir, done)
+    return _fit(config, run_dir, setup, checkpoint=checkpoint, metrics=metrics, progress=progress)
 
 
 def _without_epochs(tree: dict) -> dict:
@@ -223,7 +234,6 @@ def _fit(
     checkpoint: dict | None = None,
     metrics: list[dict[str, Any]] | None = None,
     progress: bool,
-    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
     if config.model.kind != "vae":
@@ -237,13 +247,14 @@ def _fit(
             checkpoint=checkpoint,
             metrics=list(metrics or []),
             progress=progress,
-            log=log,
         )
     t, data, vae, world = config.train, setup.data, setup.vae, setup.world
-    if not world.is_main:
-        log = _silent
+    info = log.info if world.is_main else _silent
     where = f"{setup.device}, {world.size} processes" if world.distributed else f"{setup.device}"
-    log(f"training on {config.data.dataset} ({data.num_train} images, {where}) -> {run_dir}")
+    info(
+        "training on %s (%d images, %s) -> %s", config.data.dataset, data.num_train, where, run_dir
+    )
+    batch_size = batch_size_used(t.batch_size, data.num_train)
     svi, optimizer, elbo = make_svi(vae, config)
     step_fn = _ddp_step(vae, optimizer, elbo, data.num_train) if world.distributed else svi.step
     if checkpoint:
@@ -288,7 +299,7 @@ def _fit(
             record = {
                 "epoch": epoch,
                 "train_elbo": -total_loss / images if reports_bound else None,
-                "test_elbo": _sharded(world, evaluate.elbo, vae, data.test_images, setup.device),
+                "test_elbo": _sharded(world, evaluate.test_elbo, vae, data.test_images),
                 "seconds": seconds,
                 "images_per_second": images / seconds,
             }
@@ -296,9 +307,12 @@ def _fit(
             if world.is_main:
                 append_metrics(run_dir, record)
             train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
-            log(
-                f"epoch {epoch:3d}  train ELBO {train_elbo:>9}  "
-                f"test ELBO {record['test_elbo']:9.2f}  {seconds:6.1f}s"
+            info(
+                "epoch %3d  train ELBO %9s  test ELBO %9.2f  %6.1fs",
+                epoch,
+                train_elbo,
+                record["test_elbo"],
+                seconds,
             )
             saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
             if saving and world.is_main:
@@ -306,14 +320,17 @@ def _fit(
                 save_checkpoint(run_dir, payload)
                 guard.last_saved = epoch
             if out_of_time:
-                log(f"stopping: the {t.seconds:g} s training budget is spent")
+                info("stopping: the %g s training budget is spent", t.seconds)
                 break
 
     k = config.inference.iw_samples
     eval_start = time.perf_counter()
-    log_px = _sharded(world, evaluate.log_likelihood, vae, data.test_images, setup.device, k)
+    log_px = _sharded(world, evaluate.test_log_likelihood, vae, data.test_images, k)
     summary = {
         "dataset": config.data.dataset,
+        "likelihood": config.model.likelihood,
+        "continuous": getattr(vae.likelihood, "continuous", False),
+        "batch_size": batch_size,
         "epochs": len(metrics),
         "test_elbo": metrics[-1]["test_elbo"],
         "log_px": log_px,
@@ -328,21 +345,34 @@ def _fit(
     if world.is_main:
         write_json(run_dir / SUMMARY_FILE, summary)
         save_pictures(vae, data.test_images, run_dir, metrics)
-    log(
-        f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} (K={k}) nats/image"
-    )
     return summary
 
 
-def _silent(_: str) -> None:
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one line a finished run (or an evaluation) is reported by."""
+    if "test_accuracy" in summary:
+        line = f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f}"
+        if "labeled" in summary:
+            line += f" ({summary['labeled']} labels)"
+        return line
+    line = (
+        f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} "
+        f"(K={summary['iw_samples']}) nats/image"
+    )
+    if summary.get("continuous") or summary["test_elbo"] > 0:
+        line += " (densities of continuous pixel values: above 0 is possible)"
+    return line
+
+
+def _silent(*_: Any) -> None:
     pass
 
 
-def _sharded(world, measure, vae, images, device, *args) -> float:
+def _sharded(world, measure, vae, images, *args) -> float:
     """A per-image average over ``images``, each process measuring its share."""
     mine = images[world.rank :: world.size]
     total, count = distributed.all_sum(
-        world, measure(vae, mine, *args) * len(mine), len(mine), device=device
+        world, measure(vae, mine, *args) * len(mine), len(mine), device=images.device
     )
     return total / count
 

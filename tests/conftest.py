@@ -24,5 +24,5 @@ def trained_run(tmp_path_factory) -> Path:
     from pyro_vae import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    train(small_config(train={"epochs": 30}), run_dir, progress=False, log=lambda _: None)
+    train(small_config(train={"epochs": 30}), run_dir, progress=False)
     return run_dir

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,14 @@ def small_config(**sections) -> Config:
         for key, value in values.items():
             setattr(getattr(config, section), key, value)
     return config
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``pyro-vae ARGS`` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )

@@ -148,7 +148,7 @@ def test_meanfield_and_trace_elbo_agree_within_monte_carlo_error():
 def test_dlogistic_refuses_data_that_is_not_8_bit(tmp_path):
     config = small_config(model={"likelihood": "dlogistic"}, data={"binarize": "none"})
     with pytest.raises(PyroVAEError, match="needs 8-bit data"):
-        train(config, tmp_path / "run", progress=False, log=lambda _: None)
+        train(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -116,6 +116,19 @@ def test_a_failed_download_names_data_dir_and_digits(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_an_offline_download_says_why_and_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """torchvision's real download, from a mirror that refuses the connection."""
+    monkeypatch.delenv("PYRO_VAE_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(PyroVAEError) as error:
+        load_dataset("mnist")
+    message = str(error.value)
+    assert "could not be downloaded (<urlopen error [Errno 111] Connection refused>)" in message
+    assert "MNIST/raw/*-ubyte" in message and "\n" not in message
+    assert not (tmp_path / "cache").exists(), "the failed download left folders behind"
+
+
 def test_data_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     from pyro_vae.data import default_data_dir
 

@@ -46,14 +46,14 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     config = small_config(
         train={"epochs": 20, "batch_size": 128, "validate": False}, inference={"iw_samples": 100}
     )
-    one = train(config, tmp_path / "one", log=lambda _: None)["test_elbo"]
+    one = train(config, tmp_path / "one")["test_elbo"]
     assert abs(two - one) < 0.5, (one, two)
 
 
 def test_estimators_without_a_differentiable_loss_are_refused_under_torchrun(monkeypatch):
     monkeypatch.setattr(distributed, "init", lambda device: distributed.World(0, 2))
     with pytest.raises(PyroVAEError, match="cannot run under torchrun"):
-        train(small_config(inference={"elbo": "iwae:5"}), "unused", log=lambda _: None)
+        train(small_config(inference={"elbo": "iwae:5"}), "unused")
 
 
 @pytest.mark.parametrize("spec", list(distributed.SUPPORTED[:3]) + ["dreg:3"])

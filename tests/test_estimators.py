@@ -120,9 +120,7 @@ def test_dreg_encoder_snr_does_not_fall_with_k_while_iwae_does(model_and_batch):
 
 def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
     config = small_config(train={"epochs": 2})
-    rows = compare(
-        config, ["trace", "iwae:3", "scorefn"], tmp_path / "cmp", snr_repeats=30, log=lambda _: None
-    )
+    rows = compare(config, ["trace", "iwae:3", "scorefn"], tmp_path / "cmp", snr_repeats=30)
     assert [r["estimator"] for r in rows] == ["trace", "iwae:3", "scorefn"]
     for name in ("compare.csv", "compare.md", "compare.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
@@ -157,7 +155,7 @@ def test_a_seconds_budget_stops_training_at_the_step_that_spends_it(tmp_path, mo
 
     monkeypatch.setattr(Guard, "step", step)
     config = small_config(train={"epochs": 10_000, "seconds": 30.0})
-    summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    summary = train(config, tmp_path / "run", progress=False)
     # 1,500 digits at batch 64: 24 steps per epoch, so the 30th step is step 6 of epoch 2.
     assert summary["epochs"] == 2
     assert [m["seconds"] for m in read_metrics(tmp_path / "run")] == [24.0, 6.0]

@@ -8,6 +8,8 @@ from pyro_vae import PyroVAEError, load_run
 from pyro_vae.cli import main
 from pyro_vae.config import Config, dumps, load, validate
 
+from .helpers import run_cli
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -45,3 +47,39 @@ def test_a_plugin_that_cannot_be_imported_is_our_error(plugin):
     config.model.plugins = [plugin]
     with pytest.raises(PyroVAEError, match=f"cannot import plugin '{plugin}'"):
         validate(config)
+
+
+def test_a_plugin_that_raises_on_import_is_one_line_naming_it(tmp_path, capsys):
+    plugin = tmp_path / "boom.py"
+    plugin.write_text("x = 1 / 0\n")
+    args = ["train", "--plugin", str(plugin), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"plugin '{plugin}' failed while importing: ZeroDivisionError: division by zero" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_spec_argument_the_component_cannot_use_is_refused_before_training(tmp_path, capsys):
+    """Degrees of freedom 0 used to surface as 'the loss became NaN ... try a lower --lr'."""
+    args = ["train", "--plugin", str(EXAMPLES / "custom_likelihood.py"), "--likelihood"]
+    args += ["student:0", "--binarize", "none", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "likelihood 'student:0': DF='0' must be a finite number > 0" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_finds_a_moved_plugin_with_plugin(tmp_path):
+    first, moved = tmp_path / "a" / "mine.py", tmp_path / "b" / "mine.py"
+    first.parent.mkdir(), moved.parent.mkdir()
+    first.write_text((EXAMPLES / "swap_prior.py").read_text())
+    run = tmp_path / "run"
+    args = ["train", "--plugin", str(first), "--prior", "laplace", "--epochs", "1"]
+    assert main([*args, "--hidden", "16", "--quiet", "--out", str(run)]) == 0
+    first.rename(moved)
+    lost = run_cli("evaluate", str(run))  # a new process: nothing registered yet
+    assert lost.returncode == 2
+    assert "if the plugin has moved, give its new place with --plugin FILE" in lost.stderr
+    found = run_cli("evaluate", str(run), "--plugin", str(moved))
+    assert found.returncode == 0, found.stderr
+    assert load_run(run, plugins=[str(moved)]).prior.__class__.__name__ == "LaplacePrior"

@@ -24,10 +24,6 @@ from pyro_vae.train import resume
 from .helpers import small_config
 
 
-def quiet(_):
-    pass
-
-
 def final_parameters(run_dir):
     return load_checkpoint(run_dir / "checkpoint.pt")["model"]
 
@@ -39,9 +35,9 @@ def assert_same_parameters(a, b):
 
 @pytest.mark.parametrize("elbo", ["trace", "scorefn"])
 def test_two_epochs_then_resume_two_equals_four_straight(elbo, tmp_path):
-    train(small_config(train={"epochs": 4}, inference={"elbo": elbo}), tmp_path / "a", log=quiet)
-    train(small_config(train={"epochs": 2}, inference={"elbo": elbo}), tmp_path / "b", log=quiet)
-    resume(tmp_path / "b", epochs=4, log=quiet)
+    train(small_config(train={"epochs": 4}, inference={"elbo": elbo}), tmp_path / "a")
+    train(small_config(train={"epochs": 2}, inference={"elbo": elbo}), tmp_path / "b")
+    resume(tmp_path / "b", epochs=4)
     assert_same_parameters(final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b"))
     assert [m["epoch"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
 
@@ -167,7 +163,7 @@ def test_nan_stops_training_with_epoch_and_step_and_keeps_the_last_checkpoint(
     # 1500 digits at batch 64: 24 steps per epoch, then one call for the test ELBO.
     _poison_after(monkeypatch, 2 * 25 + 5, how)
     with pytest.raises(TrainingDiverged) as error:
-        train(small_config(train={"epochs": 5, "validate": validate}), tmp_path / "run", log=quiet)
+        train(small_config(train={"epochs": 5, "validate": validate}), tmp_path / "run")
     assert message in str(error.value)
     assert "the checkpoint of epoch 2" in str(error.value) and "\n" not in str(error.value)
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -184,7 +180,7 @@ def test_parameters_gone_bad_are_caught_before_the_epoch_is_saved(
     _poison_after(monkeypatch, 25 + step, _nan_gradient)
     config = small_config(train={"epochs": 3, "validate": False}, inference={"elbo": estimator})
     with pytest.raises(TrainingDiverged) as error:
-        train(config, tmp_path / "run", log=quiet)
+        train(config, tmp_path / "run")
     assert "the parameters became NaN or infinite in epoch 2" in str(error.value)
     assert "the checkpoint of epoch 1" in str(error.value)
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -199,7 +195,9 @@ def test_nan_exits_with_code_3_from_the_cli(tmp_path, monkeypatch, capsys):
         ["train", "--epochs", "2", "--hidden", "16", "--out", str(tmp_path / "r"), "--quiet"]
     )
     assert code == 3
-    assert "became NaN or infinite at epoch 1 step 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "became NaN or infinite at epoch 1 step 3; before any checkpoint was written" in err
+    assert not (tmp_path / "r").exists(), "a run that saved nothing leaves no folder"
 
 
 @pytest.mark.parametrize("clip_grad, expected", [(0.0, []), (2.5, [2.5] * 24)])
@@ -217,13 +215,13 @@ def test_clip_grad_clips_the_global_gradient_norm_of_every_step(
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     config = small_config(train={"clip_grad": clip_grad, "epochs": 1})
-    train(config, tmp_path / "run", log=quiet)
+    train(config, tmp_path / "run")
     assert calls == expected  # 1,500 digits at batch 64: 24 steps
 
 
 @pytest.fixture
 def run_with_checkpoint(tmp_path):
-    train(small_config(train={"epochs": 1}), tmp_path / "run", log=quiet)
+    train(small_config(train={"epochs": 1}), tmp_path / "run")
     return tmp_path / "run"
 
 
@@ -259,9 +257,9 @@ def test_foreign_files_and_other_configs_are_refused(run_with_checkpoint, tmp_pa
     config_file = run_with_checkpoint / "config.toml"
     config_file.write_text(config_file.read_text().replace("latent_dim = 8", "latent_dim = 9"))
     with pytest.raises(PyroVAEError, match="is from another config"):
-        resume(run_with_checkpoint, log=quiet)
+        resume(run_with_checkpoint)
     with pytest.raises(PyroVAEError, match="is not a run folder"):
-        resume(tmp_path / "nowhere", log=quiet)
+        resume(tmp_path / "nowhere")
 
 
 def test_resume_refuses_other_settings(run_with_checkpoint, capsys):
@@ -350,7 +348,7 @@ def test_config_errors_are_our_error_in_one_line(tree):
 
 
 def test_other_draws_from_numpys_global_generator_leave_training_unchanged(tmp_path, monkeypatch):
-    train(small_config(train={"epochs": 2}), tmp_path / "a", log=quiet)
+    train(small_config(train={"epochs": 2}), tmp_path / "a")
     original = BernoulliLikelihood.forward
 
     def forward(self, logits):
@@ -358,5 +356,40 @@ def test_other_draws_from_numpys_global_generator_leave_training_unchanged(tmp_p
         return original(self, logits)
 
     monkeypatch.setattr(BernoulliLikelihood, "forward", forward)
-    train(small_config(train={"epochs": 2}), tmp_path / "b", log=quiet)
+    train(small_config(train={"epochs": 2}), tmp_path / "b")
     assert_same_parameters(final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b"))
+
+
+def test_evaluate_refuses_a_k_that_would_take_more_than_a_day(run_with_checkpoint, capsys):
+    summary = (run_with_checkpoint / "summary.json").read_bytes()
+    assert main(["evaluate", str(run_with_checkpoint), "--iw-samples", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert "log p(x) with K=1,000,000,000,000 samples on 297 images would take about" in err
+    assert (run_with_checkpoint / "summary.json").read_bytes() == summary, "nothing written"
+
+
+def test_ctrl_c_during_evaluate_exits_130_and_writes_nothing(
+    run_with_checkpoint, capsys, monkeypatch
+):
+    import importlib
+
+    evaluate_module = importlib.import_module("pyro_vae.evaluate")
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "log_weights", interrupted)
+    summary = (run_with_checkpoint / "summary.json").read_bytes()
+    assert main(["evaluate", str(run_with_checkpoint)]) == 130
+    assert calls and "interrupted" in capsys.readouterr().err
+    assert (run_with_checkpoint / "summary.json").read_bytes() == summary
+
+
+def test_a_batch_larger_than_the_data_says_what_was_used(tmp_path, caplog):
+    config = small_config(train={"epochs": 1, "batch_size": 10**8})
+    with caplog.at_level("WARNING", logger="pyro_vae"):
+        summary = train(config, tmp_path / "run")
+    assert "--batch-size 100000000 is more than the 1500 training images" in caplog.text
+    assert summary["batch_size"] == 1500

@@ -18,10 +18,6 @@ from .helpers import small_config
 SMALL = ["--hidden", "64", "--latent-dim", "4", "--batch-size", "100", "--quiet"]
 
 
-def quiet(_):
-    pass
-
-
 def m2_config(**train_fields):
     return small_config(model={"kind": "m2"}, train={"epochs": 2, **train_fields})
 
@@ -29,8 +25,12 @@ def m2_config(**train_fields):
 def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_path, capsys):
     run = tmp_path / "m2"
     assert main(["train", "--model", "m2", "--epochs", "2", "--out", str(run), *SMALL]) == 0
-    out = capsys.readouterr().out
-    assert "100 labelled, 1100 unlabelled, 300 validation images" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["labeled"], summary["unlabelled"], summary["validation"]) == (100, 1100, 300)
+    assert capsys.readouterr().out.endswith(
+        f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f} "
+        f"(100 labels)\n"
+    )
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -43,10 +43,10 @@ def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_pat
     for name in ("conditional_samples.png", "analogies.png", "accuracy.png"):
         assert (run / name).read_bytes()[:4] == b"\x89PNG"
 
-    assert main(["evaluate", str(run)]) == 0
+    assert main(["evaluate", str(run), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_accuracy"] == metrics[-1]["test_accuracy"], "same model, same test set"
-    assert evaluated["test_elbo"] == pytest.approx(metrics[-1]["test_elbo"], abs=1.0)
+    assert evaluated["test_elbo"] == metrics[-1]["test_elbo"], "the same seeded draws"
     assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "s.png")]) == 0
 
 
@@ -55,7 +55,7 @@ def test_m2_trains_with_the_jitted_enumerating_elbo_as_with_the_eager_one(tmp_pa
     for elbo in ("trace", "jit-trace"):
         config = m2_config(epochs=1)
         config.inference.elbo = elbo
-        summaries.append(train(config, tmp_path / elbo, progress=False, log=quiet))
+        summaries.append(train(config, tmp_path / elbo, progress=False))
     eager, jitted = summaries
     assert jitted["test_elbo"] == pytest.approx(eager["test_elbo"], abs=0.05)
     assert jitted["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.01)
@@ -64,7 +64,7 @@ def test_m2_trains_with_the_jitted_enumerating_elbo_as_with_the_eager_one(tmp_pa
 def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
     config = m2_config()
     config.model.prior, config.model.likelihood = "mog:3", "cbernoulli"
-    summary = train(config, tmp_path / "r", progress=False, log=quiet)
+    summary = train(config, tmp_path / "r", progress=False)
     model = load_run(tmp_path / "r")
     assert type(model.prior).__name__ == "MixtureOfGaussiansPrior"
     assert type(model.likelihood).__name__ == "ContinuousBernoulliLikelihood"
@@ -72,9 +72,9 @@ def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
 
 
 def test_m2_two_epochs_then_resume_two_equals_four_straight(tmp_path):
-    train(m2_config(epochs=4), tmp_path / "a", progress=False, log=quiet)
-    train(m2_config(epochs=2), tmp_path / "b", progress=False, log=quiet)
-    resume(tmp_path / "b", epochs=4, progress=False, log=quiet)
+    train(m2_config(epochs=4), tmp_path / "a", progress=False)
+    train(m2_config(epochs=2), tmp_path / "b", progress=False)
+    resume(tmp_path / "b", epochs=4, progress=False)
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -86,7 +86,7 @@ def test_m1m2_stacks_m2_on_a_trained_vae_and_keeps_it_in_its_checkpoint(trained_
     shutil.copytree(trained_run, m1)
     config = m2_config()
     config.model.kind, config.model.likelihood, config.semi.m1_run = "m1m2", "gaussian", str(m1)
-    summary = train(config, tmp_path / "m1m2", progress=False, log=quiet)
+    summary = train(config, tmp_path / "m1m2", progress=False)
     shutil.rmtree(m1)  # the run no longer needs M1's folder
     model = load_run(tmp_path / "m1m2")
     assert model.data_dim == 8, "M2 models M1's 8 latent means"
@@ -152,13 +152,14 @@ def test_m2_on_digits_with_100_labels_beats_its_classifier_trained_on_the_labels
             semi={"aux_weight": 5.0},
             train={"epochs": 60, "seed": seed, "batch_size": 128, "validate": False},
         )
-        summary = train(config, tmp_path / f"m2-{seed}", progress=False, log=quiet)
+        summary = train(config, tmp_path / f"m2-{seed}", progress=False)
         parts = semi.split_for(config, data.dataset)
         steps = 60 * math.ceil(len(parts.unlabelled) / 128)
         gains.append(summary["test_accuracy"] - labels_alone(data, parts, seed, 400, steps))
     print("accuracy gains of M2 over its classifier on the labels alone:", gains)
-    assert min(gains) >= 0, gains
-    assert sum(gains) / len(gains) > 0.005, gains
+    # Pooled over the seeds: one seed alone moves by a test image or two (of 297) when
+    # anything in the random stream changes (torch 2.4 against 2.14, say).
+    assert sum(gains) / len(gains) > 0.01, gains
 
 
 def test_m2_trains_and_reloads_on_a_dataset_with_three_classes(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_m2_trains_and_reloads_on_a_dataset_with_three_classes(tmp_path, monkeyp
         data={"dataset": "digits012"}, model={"kind": "m2"}, semi={"labeled": 30},
         train={"epochs": 1},
     )  # fmt: skip
-    summary = train(config, tmp_path / "r", progress=False, log=quiet)
+    summary = train(config, tmp_path / "r", progress=False)
     model = load_run(tmp_path / "r")
     assert model.num_classes == 3 and model.classifier_net[-1].out_features == 3
     assert summary["labeled"] == 30

@@ -83,8 +83,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 def test_config_file_of_a_run_reproduces_it_exactly(trained_run, tmp_path):
     config = load_config(trained_run / "config.toml")
     config.train.epochs = 3
-    first = train(config, tmp_path / "a", progress=False, log=lambda _: None)
-    second = train(config, tmp_path / "b", progress=False, log=lambda _: None)
+    first = train(config, tmp_path / "a", progress=False)
+    second = train(config, tmp_path / "b", progress=False)
     assert first["test_elbo"] == second["test_elbo"]
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
@@ -94,7 +94,7 @@ def test_config_file_of_a_run_reproduces_it_exactly(trained_run, tmp_path):
 def test_existing_run_folder_is_refused_without_overwrite(trained_run):
     before = (trained_run / "checkpoint.pt").read_bytes()
     with pytest.raises(PyroVAEError, match="already exists; pass --overwrite"):
-        train(small_config(), trained_run, progress=False, log=lambda _: None)
+        train(small_config(), trained_run, progress=False)
     assert (trained_run / "checkpoint.pt").read_bytes() == before
 
 
@@ -106,7 +106,7 @@ def test_data_outside_the_support_is_refused_before_the_run_folder_exists(tmp_pa
 
     monkeypatch.setattr(BernoulliLikelihood, "check_support", refuse)
     with pytest.raises(PyroVAEError, match="outside the support"):
-        train(small_config(), tmp_path / "run", progress=False, log=lambda _: None)
+        train(small_config(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -26,6 +26,7 @@ from ..guides import guides
 from ..likelihoods import likelihoods
 from ..nets import mlp
 from ..priors import priors
+from ..registry import check_positive
 from .base import PyroProgram
 from .vae import VAE
 
@@ -63,6 +64,11 @@ class SSVAE(PyroProgram):
         guide: Any = "normal",
         aux_weight: float = SemiConfig.aux_weight,
     ):
+        check_positive(
+            num_classes=num_classes,
+            latent_dim=latent_dim,
+            **{f"hidden[{i}]": h for i, h in enumerate(hidden)},
+        )
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.data_dim = math.prod(self.image_shape)

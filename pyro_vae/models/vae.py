@@ -20,6 +20,7 @@ from ..guides import guides
 from ..likelihoods import likelihoods
 from ..nets import architectures
 from ..priors import priors
+from ..registry import check_positive
 from .base import PyroProgram
 
 PYRO_NAME = "vae"
@@ -49,6 +50,7 @@ class VAE(PyroProgram):
         guide: Any = "normal",
         arch: Any = "mlp",
     ):
+        check_positive(latent_dim=latent_dim, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.data_dim = math.prod(self.image_shape)
