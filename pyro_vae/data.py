@@ -9,6 +9,8 @@ compare across runs. No DataLoader and no per-item Python work.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -80,9 +82,12 @@ def _download(cls, name: str, root: Path) -> list:
     raw = folder / "raw"
     created = [d for d in (*reversed(root.parents), root, folder, raw) if not d.exists()]
     before = set(raw.iterdir()) if raw.is_dir() else set()
+    said = io.StringIO()  # torchvision prints each mirror's failure; some versions only there
+    log.info("downloading %s to %s (once)", name, root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return [cls(str(root), train=train, download=True) for train in (True, False)]
+        with contextlib.redirect_stdout(said):
+            return [cls(str(root), train=train, download=True) for train in (True, False)]
     except Exception as e:
         for path in set(raw.iterdir()) - before if raw.is_dir() else ():
             if path.is_file():
@@ -91,22 +96,20 @@ def _download(cls, name: str, root: Path) -> list:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
         raise PyroVAEError(
-            f"{name} is not in {root} and could not be downloaded ({_download_failure(e)}); "
+            f"{name} is not in {root} and could not be downloaded "
+            f"({_download_failure(said.getvalue(), e)}); "
             f"point --data-dir (or $PYRO_VAE_DATA) at a folder holding "
             f"{cls.__name__}/raw/*-ubyte, or use --dataset digits, which needs no network"
         ) from None
 
 
-def _download_failure(error: Exception) -> str:
-    """The reasons in torchvision's download error: the lines after "Tried MIRROR, got:"."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reasons = [
-        line
-        for line in lines
-        if not line.startswith(("Error downloading", "Tried ", "Failed to download"))
-    ]
-    unique = list(dict.fromkeys(reasons))
-    return "; ".join(unique)[:300] if unique else type(error).__name__
+def _download_failure(printed: str, error: Exception) -> str:
+    """Why torchvision's download failed: the mirrors' errors, which it printed (older
+    releases) or put in its exception after "Tried MIRROR, got:" (newer ones)."""
+    lines = [line.strip() for line in f"{printed}\n{error}".splitlines() if line.strip()]
+    skip = ("Downloading", "Extracting", "Failed to download", "Error downloading", "Tried ")
+    reasons = list(dict.fromkeys(line for line in lines if not line.startswith(skip)))
+    return "; ".join(reasons)[:300] if reasons else type(error).__name__
 
 
 @datasets.register("mnist")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pyro_vae.cli import main
+from pyro_vae.cli import build_parser, main
 
 from .helpers import run_cli
 
@@ -115,3 +115,32 @@ def test_console_error_from_a_real_process_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("pyro-vae train: error: unknown dataset 'nope'")
     assert result.stderr.count("\n") == 1
+
+
+def test_help_shows_every_config_default_from_the_config_itself():
+    from pyro_vae.cli import TRAIN_FLAGS, _default
+
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    for command, extra in (("train", {}), ("compare", {"--snr-repeats": "100"})):
+        parser = subparsers[command]
+        entries = {
+            option: " ".join(parser._get_formatter()._format_action(action).split())
+            for action in parser._actions
+            for option in action.option_strings
+        }
+        expected = {"--hidden": "400", **extra}
+        for flag, (section, key) in TRAIN_FLAGS.items():
+            default = _default(section, key)
+            if default not in ("None", "none", "0", "False") or flag == "seed":
+                expected[f"--{flag.replace('_', '-')}"] = default
+        if command == "compare":
+            del expected["--elbo"]  # given once per estimator compared
+        for flag, default in expected.items():
+            assert f"(default: {default})" in entries[flag], (command, flag, entries[flag])
+
+
+def test_a_continuous_likelihood_run_says_its_elbo_is_a_density(tmp_path, capsys):
+    args = ["train", "--likelihood", "cbernoulli", "--binarize", "none", "--epochs", "2"]
+    assert main([*args, "--hidden", "16", "--quiet", "--out", str(tmp_path / "r")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("nats/image (densities of continuous pixel values: above 0 is possible)")
