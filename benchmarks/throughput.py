@@ -65,6 +65,15 @@ class HandWrittenVAE(nn.Module):
         return nll + kl
 
 
+def paired_ratio(rates: list[float], baseline: list[float]) -> float:
+    """The median over rounds of each round's ratio to the baseline.
+
+    Each round times every implementation back to back, so a round's ratio compares
+    them under the same load; one slow round moves a ratio of medians, not this.
+    """
+    return statistics.median(a / b for a, b in zip(rates, baseline, strict=True))
+
+
 def pyro_vae_step(data, device, elbo="trace"):
     """pyro-vae's training step on its own in-memory uint8 batches."""
     config = Config()
@@ -198,12 +207,7 @@ def main():
             for name, step in steps.items():
                 rates[name].append(images_per_second(step, data, batch_size, block[name]))
         medians = {name: statistics.median(r) for name, r in rates.items()}
-        # Each round times every implementation back to back, so a round's ratio
-        # compares them under the same load; the median over rounds is the ratio.
-        ratios = {
-            name: statistics.median(a / b for a, b in zip(r, rates[BASELINE], strict=True))
-            for name, r in rates.items()
-        }
+        ratios = {name: paired_ratio(r, rates[BASELINE]) for name, r in rates.items()}
         row = {"batch_size": batch_size, "images_per_second": medians, "ratios": ratios}
         row["rounds"] = rates
         if args.numpyro_python:
