@@ -140,19 +140,6 @@ def digits(data_dir: str | None = None) -> Dataset:
     return Dataset("digits", (8, 8), 16, images[:n], labels[:n], images[n:], labels[n:])
 
 
-def batch_size_used(batch_size: int, images: int) -> int:
-    """The batch a step takes: ``batch_size``, or all ``images`` when there are fewer (said)."""
-    if batch_size > images:
-        log.warning(
-            "--batch-size %d is more than the %d training images: each step takes all %d",
-            batch_size,
-            images,
-            images,
-        )
-        return images
-    return batch_size
-
-
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     """The dataset called ``name`` (see :data:`datasets`), read from ``data_dir``."""
     return datasets.build(name, data_dir=data_dir)
@@ -215,6 +202,10 @@ class ImageBatches:
     @property
     def num_train(self) -> int:
         return len(self.train_images)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_images.device
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """Training images at ``index`` as floats, binarized afresh when dynamic."""

@@ -107,3 +107,26 @@ def finish(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def step(model, optimizer, elbo, size: int):
+    """One training step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP.
+
+    The plate's size is the training set's, so each rank's loss estimates the ELBO of
+    the whole dataset and DDP's average of the ranks' gradients is its gradient. The
+    step returns the loss of this rank's batch alone, for the metrics.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    program, guide = model.svi_program()
+    loss_module = elbo(Program(model, program.__name__), Program(model, guide.__name__))
+    ddp = DistributedDataParallel(loss_module)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(x: torch.Tensor) -> float:
+        loss = ddp(x, size=size)
+        loss.backward()
+        optimizer(params)
+        return loss.item() * len(x) / size
+
+    return run

@@ -260,6 +260,8 @@ def build_model(
         likelihood=m.likelihood,
         guide=m.guide,
         aux_weight=config.semi.aux_weight,
+        labeled=config.semi.labeled,
+        validation=config.semi.validation,
         num_classes=num_classes,
     )
     if m.kind == "m2":

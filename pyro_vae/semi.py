@@ -5,40 +5,28 @@ class-balanced labelled subset drawn with the seed, and the unlabelled rest.
 Each step is one SVI step of ``semi_model`` under Pyro's ``TraceEnum_ELBO``: an
 unlabelled batch (y summed out by enumeration) together with a labelled batch
 and its auxiliary term, so an epoch passes over every unlabelled image once and
-cycles through the labelled ones as often as it takes.
+cycles through the labelled ones as often as it takes. ``SSVAE`` hands these to
+the one training loop (``pyro_vae.fit``) through its ``fit.Trainable`` methods.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
-from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
-from tqdm.auto import tqdm
+from pyro.infer import JitTraceEnum_ELBO, TraceEnum_ELBO
 
 from . import plots
 from .config import Config
-from .data import Dataset, ImageBatches, batch_size_used
-from .divergence import Guard
+from .data import Dataset, ImageBatches
 from .errors import PyroVAEError
 from .evaluate import EVAL_SEED, seeded
 from .models import SSVAE
-from .optim import Adam
-from .runs import (
-    SUMMARY_FILE,
-    append_metrics,
-    checkpoint_payload,
-    save_checkpoint,
-    set_rng_state,
-    write_json,
-)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +87,7 @@ def split(
 
 
 def split_for(config: Config, dataset: Dataset) -> Split:
-    """The split a config asks for on ``dataset``."""
+    """The split a config asks for on ``dataset`` (to refuse an impossible one early)."""
     s = config.semi
     validation = validation_size(s.validation, len(dataset.train_labels))
     return split(
@@ -156,145 +144,81 @@ def elbo(model: SSVAE, images: torch.Tensor) -> float:
     return -total / len(images)
 
 
-def fit(
-    config: Config,
-    run_dir: Path,
-    data: ImageBatches,
-    model: SSVAE,
-    *,
-    checkpoint: dict | None,
-    metrics: list[dict[str, Any]],
-    progress: bool,
-) -> dict[str, Any]:
-    """The semi-supervised loop: SVI steps by epoch, accuracy and a checkpoint per epoch."""
-    t, dataset = config.train, data.dataset
-    parts = split_for(config, dataset)
+def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
+    """The split ``model`` trains on (its ``labeled`` and ``validation``), computed once
+    per data and seed."""
+    key = (id(data), seed)
+    cached = model.__dict__.get("_split")
+    if cached is None or cached[0] != key:
+        labels = data.dataset.train_labels
+        validation = validation_size(model.validation, len(labels))
+        parts = split(labels, model.num_classes, model.labeled, validation, seed)
+        log.info(
+            "%d labelled, %d unlabelled, %d validation images",
+            len(parts.labelled),
+            len(parts.unlabelled),
+            len(parts.validation),
+        )
+        cached = model.__dict__["_split"] = (key, parts)
+    return cached[1]
+
+
+def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int, seed: int):
+    """One epoch of (unlabelled, labelled, labels) steps: every unlabelled image once, in an
+    order set by (seed, epoch), each step with the next labelled batch."""
+    from .fit import Batches
+
+    parts = split_for_model(model, data, seed)
     device = data.train_images.device
-    y_labelled = torch.nn.functional.one_hot(
-        dataset.train_labels[parts.labelled], dataset.num_classes
-    ).to(device, torch.float)
+    labels = data.dataset.train_labels[parts.labelled]
+    y_labelled = torch.nn.functional.one_hot(labels, model.num_classes).to(device, torch.float)
     labelled_index = parts.labelled.to(device)
-    validation = (data.fixed(parts.validation), dataset.train_labels[parts.validation].to(device))
-    test = (data.test_images, dataset.test_labels.to(device))
-    log.info(
-        "training %s on %s: %d labelled, %d unlabelled, %d validation images -> %s",
-        config.model.kind,
-        config.data.dataset,
-        len(parts.labelled),
-        len(parts.unlabelled),
-        len(parts.validation),
-        run_dir,
-    )
-    batch_size = batch_size_used(t.batch_size, len(parts.unlabelled))
+    order = torch.randperm(len(parts.unlabelled), generator=_generator(seed, epoch, 1))
+    unlabelled = parts.unlabelled[order].to(device)
+    labelled = labelled_batches(len(labelled_index), batch_size, _generator(seed, epoch, 2))
 
-    pyro.clear_param_store()
-    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
-    svi = SVI(
-        model.semi_model,
-        model.semi_guide,
-        optimizer,
-        estimator(config.inference.elbo, config.inference.num_particles),
-    )
-    if checkpoint:
-        optimizer.set_state(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"], data)
-    guard = Guard(
-        [p for p in model.parameters() if p.requires_grad],
-        run_dir,
-        checkpoint["epoch"] if checkpoint else 0,
-    )
-    steps_per_epoch = math.ceil(len(parts.unlabelled) / t.batch_size)
-    started = time.perf_counter()
-    with pyro.validation_enabled(t.validate):
-        for epoch in range(guard.last_saved + 1, t.epochs + 1):
-            model.train()
-            epoch_start = time.perf_counter()
-            total_loss, images = 0.0, 0
-            unlabelled = parts.unlabelled[
-                torch.randperm(len(parts.unlabelled), generator=_generator(t.seed, epoch, 1))
-            ].to(device)
-            labelled = labelled_batches(
-                len(labelled_index), t.batch_size, _generator(t.seed, epoch, 2)
-            )
-            batches = tqdm(
-                data.train_batches(t.batch_size, unlabelled),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{t.epochs}",
-                leave=False,
-                disable=None if progress else True,
-            )
-            for step, x in enumerate(batches, 1):
-                at = next(labelled)
-                x_labelled = model.features(data.batch(labelled_index[at]))
-                x_unlabelled = model.features(x)
-                loss = guard.step(
-                    svi.step, x_unlabelled, x_labelled, y_labelled[at], epoch=epoch, step=step
-                )
-                total_loss += loss
-                images += len(x)
-            seconds = time.perf_counter() - epoch_start
-            guard.end_of_epoch(epoch)
+    def steps():
+        for x in data.train_batches(batch_size, unlabelled):
+            at = next(labelled)
+            x_labelled = model.features(data.batch(labelled_index[at]))
+            yield model.features(x), x_labelled, y_labelled[at]
 
-            model.eval()
-            record = {
-                "epoch": epoch,
-                "train_loss": total_loss / images,
-                "test_elbo": test_elbo(model, test[0]),
-                "validation_accuracy": accuracy(model, *validation)
-                if len(parts.validation)
-                else None,
-                "test_accuracy": accuracy(model, *test),
-                "seconds": seconds,
-                "images_per_second": images / seconds,
-            }
-            metrics.append(record)
-            append_metrics(run_dir, record)
-            val = record["validation_accuracy"]
-            log.info(
-                "epoch %3d  test ELBO %9.2f  accuracy: validation %s  test %.4f  %6.1fs",
-                epoch,
-                record["test_elbo"],
-                "n/a" if val is None else f"{val:.4f}",
-                record["test_accuracy"],
-                seconds,
-            )
-            if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
-                payload = checkpoint_payload(config, model, epoch, optimizer, data=data)
-                save_checkpoint(run_dir, payload)
-                guard.last_saved = epoch
-
-    summary = summarize(config, metrics, parts)
-    summary["batch_size"] = batch_size
-    summary["wall_seconds"] = time.perf_counter() - started
-    write_json(run_dir / SUMMARY_FILE, summary)
-    save_pictures(model, test[0], run_dir, metrics)
-    return summary
+    n = len(parts.unlabelled)
+    return Batches(steps(), math.ceil(n / batch_size), min(batch_size, n))
 
 
-def summarize(config: Config, metrics: list[dict[str, Any]], parts: Split) -> dict[str, Any]:
-    """The last epoch's numbers, and the test accuracy at the best validation epoch."""
-    last = metrics[-1]
+def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | None]:
+    """Test ELBO (y summed out), and validation and test accuracy of q(y|x)."""
+    parts = split_for_model(model, data, seed)
+    device = data.test_images.device
+    validation = None
+    if len(parts.validation):
+        labels = data.dataset.train_labels[parts.validation].to(device)
+        validation = accuracy(model, data.fixed(parts.validation), labels)
+    return {
+        "test_elbo": test_elbo(model, data.test_images),
+        "validation_accuracy": validation,
+        "test_accuracy": accuracy(model, data.test_images, data.dataset.test_labels.to(device)),
+    }
+
+
+def summarize(parts: Split, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The split's sizes, and the test accuracy at the best validation epoch."""
     summary = {
-        "dataset": config.data.dataset,
-        "model": config.model.kind,
         "labeled": len(parts.labelled),
         "unlabelled": len(parts.unlabelled),
         "validation": len(parts.validation),
-        "epochs": len(metrics),
-        "test_elbo": last["test_elbo"],
-        "test_accuracy": last["test_accuracy"],
-        "validation_accuracy": last["validation_accuracy"],
-        "train_images_per_second": sum(m["images_per_second"] for m in metrics) / len(metrics),
     }
-    if last["validation_accuracy"] is not None:
+    if metrics[-1]["validation_accuracy"] is not None:
         best = max(metrics, key=lambda m: m["validation_accuracy"])
         summary["best_validation_epoch"] = best["epoch"]
         summary["test_accuracy_at_best_validation"] = best["test_accuracy"]
     return summary
 
 
-def save_pictures(model: SSVAE, test_images: torch.Tensor, run_dir: Path, metrics: list) -> None:
+def save_pictures(model: SSVAE, data: ImageBatches, run_dir: Path, metrics: list) -> None:
     """conditional_samples.png, analogies.png and accuracy.png."""
+    test_images = data.test_images
     n = model.num_classes
     rows = model.generate(n * n)  # a row per class, one style z per column
     plots.image_grid(rows, model.image_shape, run_dir / "conditional_samples.png", ncols=n)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +19,13 @@ from typing import Any
 import pyro
 import torch
 from pyro.infer import ELBO, SVI
-from tqdm.auto import tqdm
 
-from . import distributed, evaluate, plots
+from . import distributed, evaluate, fit
 from .config import Config, dumps, to_dict, validate
 from .config import load as load_config
-from .data import ImageBatches, batch_size_used, load_dataset
+from .data import ImageBatches, load_dataset
 from .devices import resolve_device
-from .divergence import Guard
-from .elbos import estimators, has_bound
+from .elbos import estimators
 from .errors import PyroVAEError
 from .memory import check_model_fits, limited_to_free_memory, too_large
 from .models import VAE
@@ -38,19 +34,13 @@ from .runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
-    SUMMARY_FILE,
-    append_metrics,
     atomic_write,
     build_model,
     check_run_dir,
-    checkpoint_payload,
     discard_run_dir,
     load_checkpoint,
     prepare_run_dir,
     read_metrics,
-    save_checkpoint,
-    set_rng_state,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -235,116 +225,28 @@ def _fit(
     metrics: list[dict[str, Any]] | None = None,
     progress: bool,
 ) -> dict[str, Any]:
-    """The loop: SVI steps by epoch, a metrics line and a checkpoint per epoch, then the summary."""
-    if config.model.kind != "vae":
-        from . import semi
-
-        return semi.fit(
-            config,
-            run_dir,
-            setup.data,
-            setup.vae,
-            checkpoint=checkpoint,
-            metrics=list(metrics or []),
-            progress=progress,
-        )
-    t, data, vae, world = config.train, setup.data, setup.vae, setup.world
-    info = log.info if world.is_main else _silent
-    where = f"{setup.device}, {world.size} processes" if world.distributed else f"{setup.device}"
-    info(
-        "training on %s (%d images, %s) -> %s", config.data.dataset, data.num_train, where, run_dir
-    )
-    batch_size = batch_size_used(t.batch_size, data.num_train)
-    svi, optimizer, elbo = make_svi(vae, config)
-    step_fn = _ddp_step(vae, optimizer, elbo, data.num_train) if world.distributed else svi.step
-    if checkpoint:
-        optimizer.set_state(checkpoint["optimizer"])
-        if hasattr(elbo, "load_state_dict"):
-            elbo.load_state_dict(checkpoint["estimator"])
-        set_rng_state(checkpoint["rng"], data)
-    reports_bound = has_bound(config.inference.elbo)
-    metrics = list(metrics or [])
-    last_saved = checkpoint["epoch"] if checkpoint else 0
-    guard = Guard(vae.parameters(), run_dir, last_saved, check_loss=reports_bound)
-    steps_per_epoch = math.ceil(data.num_train / t.batch_size)
-    started = time.perf_counter()
-    training_seconds = 0.0  # excludes evaluation, for --seconds budgets
-    out_of_time = False
-    with pyro.validation_enabled(t.validate):
-        for epoch in range(last_saved + 1, t.epochs + 1):
-            vae.train()
-            epoch_start = time.perf_counter()
-            total_loss, images = 0.0, 0
-            order = data.epoch_order(t.seed, epoch)
-            batches = tqdm(
-                data.train_batches(t.batch_size, order, world.rank, world.size),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch}/{t.epochs}",
-                leave=False,
-                disable=None if progress and world.is_main else True,
-            )
-            for step, x in enumerate(batches, 1):
-                loss = guard.step(step_fn, x, epoch=epoch, step=step)
-                total_loss += loss
-                images += len(x)
-                if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
-                    out_of_time = True
-                    break
-            seconds = time.perf_counter() - epoch_start
-            training_seconds += seconds
-            guard.end_of_epoch(epoch)
-
-            vae.eval()
-            total_loss, images = distributed.all_sum(world, total_loss, images, device=setup.device)
-            record = {
-                "epoch": epoch,
-                "train_elbo": -total_loss / images if reports_bound else None,
-                "test_elbo": _sharded(world, evaluate.test_elbo, vae, data.test_images),
-                "seconds": seconds,
-                "images_per_second": images / seconds,
-            }
-            metrics.append(record)
-            if world.is_main:
-                append_metrics(run_dir, record)
-            train_elbo = "n/a" if record["train_elbo"] is None else f"{record['train_elbo']:9.2f}"
-            info(
-                "epoch %3d  train ELBO %9s  test ELBO %9.2f  %6.1fs",
-                epoch,
-                train_elbo,
-                record["test_elbo"],
-                seconds,
-            )
-            saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
-            if saving and world.is_main:
-                payload = checkpoint_payload(config, vae, epoch, optimizer, elbo, data)
-                save_checkpoint(run_dir, payload)
-                guard.last_saved = epoch
-            if out_of_time:
-                info("stopping: the %g s training budget is spent", t.seconds)
-                break
-
-    k = config.inference.iw_samples
-    eval_start = time.perf_counter()
-    log_px = _sharded(world, evaluate.test_log_likelihood, vae, data.test_images, k)
-    summary = {
-        "dataset": config.data.dataset,
-        "likelihood": config.model.likelihood,
-        "continuous": getattr(vae.likelihood, "continuous", False),
-        "batch_size": batch_size,
-        "epochs": len(metrics),
-        "test_elbo": metrics[-1]["test_elbo"],
-        "log_px": log_px,
-        "iw_samples": k,
-        "eval_seconds": time.perf_counter() - eval_start,
-        "train_images_per_second": sum(m["images_per_second"] for m in metrics) / len(metrics),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    if world.distributed:
-        summary["processes"] = world.size
-        summary["parameters_identical_across_processes"] = distributed.parameters_agree(world, vae)
+    """The one loop of ``pyro_vae.fit``, writing ``run_dir``."""
+    world, data = setup.world, setup.data
     if world.is_main:
-        write_json(run_dir / SUMMARY_FILE, summary)
-        save_pictures(vae, data.test_images, run_dir, metrics)
+        where = f"{setup.device}, {world.size} processes" if world.distributed else setup.device
+        log.info(
+            "training %s on %s (%d images, %s) -> %s",
+            config.model.kind,
+            config.data.dataset,
+            data.num_train,
+            where,
+            run_dir,
+        )
+    summary, _ = fit.run(
+        setup.vae,
+        data,
+        config,
+        run_dir,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        world=world,
+        progress=progress,
+    )
     return summary
 
 
@@ -362,47 +264,3 @@ def summary_line(summary: dict[str, Any]) -> str:
     if summary.get("continuous") or summary["test_elbo"] > 0:
         line += " (densities of continuous pixel values: above 0 is possible)"
     return line
-
-
-def _silent(*_: Any) -> None:
-    pass
-
-
-def _sharded(world, measure, vae, images, *args) -> float:
-    """A per-image average over ``images``, each process measuring its share."""
-    mine = images[world.rank :: world.size]
-    total, count = distributed.all_sum(
-        world, measure(vae, mine, *args) * len(mine), len(mine), device=images.device
-    )
-    return total / count
-
-
-def _ddp_step(vae: VAE, optimizer: Adam, elbo: ELBO, size: int) -> Callable[[torch.Tensor], float]:
-    """One step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP.
-
-    The plate's size is the training set's, so each rank's loss estimates the
-    ELBO of the whole dataset and DDP's average of the ranks' gradients is its
-    gradient. The step returns the loss of this rank's batch alone, for the metrics.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    loss_module = elbo(distributed.Program(vae, "model"), distributed.Program(vae, "guide"))
-    ddp = DistributedDataParallel(loss_module)
-    params = [p for p in vae.parameters() if p.requires_grad]
-
-    def step(x: torch.Tensor) -> float:
-        loss = ddp(x, size=size)
-        loss.backward()
-        optimizer(params)
-        return loss.item() * len(x) / size
-
-    return step
-
-
-def save_pictures(vae, test_images: torch.Tensor, run_dir: Path, metrics: list[dict]) -> None:
-    """reconstructions.png (originals above reconstructions), samples.png, elbo.png."""
-    shown = test_images[:50]
-    pairs = torch.stack([shown.reshape(5, 10, -1), vae.reconstruct(shown).reshape(5, 10, -1)], 1)
-    plots.image_grid(pairs.reshape(100, -1), vae.image_shape, run_dir / "reconstructions.png")
-    plots.image_grid(vae.generate(100), vae.image_shape, run_dir / "samples.png")
-    plots.elbo_curve(metrics, run_dir / "elbo.png")

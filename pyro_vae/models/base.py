@@ -7,6 +7,7 @@ parameters, once per step and without rebuilding names.
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import pyro
@@ -38,6 +39,13 @@ class PyroProgram(nn.Module):
 
     Subclasses set ``pyro_name`` and list the generative modules in
     ``model_modules``; every other parameter belongs to the guide.
+
+    It is also what ``pyro_vae.fit`` trains (``fit.Trainable``), with defaults for a
+    program whose ``model(x, size=None)`` and ``guide(x, size=None)`` score a batch
+    of flattened images ``x``, as the VAE's do: one SVI step per batch, the test
+    ELBO after each epoch, log p(x) with the config's K at the end (for a program
+    with one latent site per image), and the pictures it can draw
+    (``reconstruct`` and ``generate``, where it has them). M2 overrides them.
     """
 
     pyro_name = "program"
@@ -84,3 +92,75 @@ class PyroProgram(nn.Module):
                     del store[name]
         for name, p in params:
             pyro.param(name, p)
+
+    # What pyro_vae.fit asks (fit.Trainable), for a program over batches of images.
+
+    def svi_program(self):
+        """The Pyro model and guide of one SVI step."""
+        return self.model, self.guide
+
+    def build_estimator(self, spec: str, num_particles: int):
+        """The ELBO estimator named by ``spec`` (see ``pyro_vae.estimators``)."""
+        from ..elbos import estimators
+
+        return estimators.build(spec, num_particles=num_particles, data_dim=self.data_dim)
+
+    def train_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
+        """One epoch of ``(x,)``: the training images in an order set by (seed, epoch)."""
+        from ..fit import Batches
+
+        order = data.epoch_order(seed, epoch)
+        batches = data.train_batches(batch_size, order, rank, world)
+        per_rank = max(1, min(batch_size, data.num_train) // world)
+        count = -(-(data.num_train // world) // per_rank)
+        return Batches(((x,) for x in batches), count, min(batch_size, data.num_train))
+
+    def train_record(self, mean_loss: float | None) -> dict:
+        """The training bound per image (None for an estimator whose loss is no bound)."""
+        return {"train_elbo": None if mean_loss is None else -mean_loss}
+
+    def held_out(self, data, config, world) -> dict:
+        """The test ELBO, its draws seeded (so it does not move the training stream)."""
+        from .. import evaluate
+        from ..fit import sharded
+
+        if data.test_images is None or not len(data.test_images):
+            return {"test_elbo": None}
+        test_elbo = sharded(world, lambda x: evaluate.test_elbo(self, x), data.test_images)
+        return {"test_elbo": test_elbo}
+
+    def summary(self, data, metrics: list, config, world) -> dict:
+        """log p(x) by importance sampling with the config's K, seeded like the test ELBO."""
+        from .. import evaluate
+        from ..fit import sharded
+
+        if data.test_images is None or not len(data.test_images):
+            return {}
+        k = config.inference.iw_samples
+        started = time.perf_counter()
+        log_px = sharded(
+            world, lambda x: evaluate.test_log_likelihood(self, x, k), data.test_images
+        )
+        return {
+            "log_px": log_px,
+            "iw_samples": k,
+            "eval_seconds": time.perf_counter() - started,
+            "likelihood": config.model.likelihood,
+            "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),
+        }
+
+    def save_pictures(self, data, run_dir, metrics: list) -> None:
+        """reconstructions.png (test images above their reconstructions), samples.png, elbo.png."""
+        from .. import plots
+
+        shape = getattr(self, "image_shape", None)
+        test = data.test_images
+        if shape and test is not None and len(test) and hasattr(self, "reconstruct"):
+            cols = min(10, len(test))
+            shown = test[: min(50, len(test)) // cols * cols].reshape(-1, cols, test.shape[-1])
+            rows = torch.stack([shown, self.reconstruct(shown.flatten(0, 1)).view_as(shown)], 1)
+            path = run_dir / "reconstructions.png"
+            plots.image_grid(rows.flatten(0, 2), shape, path, ncols=cols)
+        if shape and hasattr(self, "generate"):
+            plots.image_grid(self.generate(100), shape, run_dir / "samples.png")
+        plots.elbo_curve(metrics, run_dir / "elbo.png")

@@ -49,6 +49,10 @@ class SSVAE(PyroProgram):
         prior, likelihood, guide: component specs or objects, as for ``VAE``
             (priors defined through the encoder, the VampPrior, do not apply).
         aux_weight: alpha of the auxiliary classification loss (default: the config's).
+        labeled: class-balanced labelled training images it trains with (default: the
+            config's), drawn with the training seed.
+        validation: training images held out of both (None: 10,000, or a fifth of
+            the training set when that is fewer).
     """
 
     pyro_name = "ssvae"
@@ -63,6 +67,8 @@ class SSVAE(PyroProgram):
         likelihood: Any = "bernoulli",
         guide: Any = "normal",
         aux_weight: float = SemiConfig.aux_weight,
+        labeled: int = SemiConfig.labeled,
+        validation: int | None = SemiConfig.validation,
     ):
         check_positive(
             num_classes=num_classes,
@@ -73,6 +79,7 @@ class SSVAE(PyroProgram):
         self.image_shape = tuple(image_shape)
         self.data_dim = math.prod(self.image_shape)
         self.num_classes, self.latent_dim, self.aux_weight = num_classes, latent_dim, aux_weight
+        self.labeled, self.validation = labeled, validation
         self.likelihood = likelihoods.build(likelihood, data_dim=self.data_dim)
         self.posterior = guides.build(guide, latent_dim=latent_dim)
         try:
@@ -187,6 +194,39 @@ class SSVAE(PyroProgram):
         z = self.prior().sample((k,))
         i = torch.arange(n, device=z.device)
         return self.image(self.decode(z[i % k], (i // k) % k))
+
+    # What pyro_vae.fit asks (fit.Trainable): the semi-supervised step and its numbers.
+
+    def svi_program(self):
+        return self.semi_model, self.semi_guide
+
+    def build_estimator(self, spec: str, num_particles: int):
+        from .. import semi
+
+        return semi.estimator(spec, num_particles)
+
+    def train_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
+        from .. import semi
+
+        return semi.train_batches(self, data, batch_size, epoch, seed)
+
+    def train_record(self, mean_loss: float | None) -> dict:
+        return {"train_loss": mean_loss}
+
+    def held_out(self, data, config, world) -> dict:
+        from .. import semi
+
+        return semi.held_out(self, data, config.train.seed)
+
+    def summary(self, data, metrics: list, config, world) -> dict:
+        from .. import semi
+
+        return semi.summarize(semi.split_for_model(self, data, config.train.seed), metrics)
+
+    def save_pictures(self, data, run_dir, metrics: list) -> None:
+        from .. import semi
+
+        semi.save_pictures(self, data, run_dir, metrics)
 
 
 class M1M2(SSVAE):

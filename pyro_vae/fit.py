@@ -1,0 +1,244 @@
+"""One training loop for every model: SVI steps by epoch, held-out numbers, checkpoints.
+
+The loop knows nothing of VAEs or labels. A model object tells it what it needs
+through a small protocol (:class:`Trainable`); ``VAE``, ``SSVAE`` (M2) and
+``M1M2`` are three implementations, and a user's own ``PyroProgram`` subclass is
+a fourth. What lives here once: the optimizer and estimator set up (and restored
+from a checkpoint), the epoch loop with its progress bar, the divergence guard
+and ``--seconds`` budget, one metrics line and a checkpoint per epoch, the
+summary, the pictures, and DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pyro
+import torch
+from pyro.infer import ELBO, SVI
+from tqdm.auto import tqdm
+
+from . import distributed
+from .config import Config
+from .data import ImageBatches
+from .divergence import Guard
+from .elbos import has_bound
+from .optim import Adam
+from .runs import (
+    SUMMARY_FILE,
+    append_metrics,
+    checkpoint_payload,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What the loop asks of a model. ``PyroProgram`` has every method, for a model
+    whose ``model(x)`` and ``guide(x)`` score a batch of images as the VAE's do.
+
+    - ``svi_program()``: the Pyro model and guide one SVI step runs.
+    - ``build_estimator(spec, num_particles)``: the ``pyro.infer`` ELBO for an
+      estimator spec (M2 sums over y by enumeration, so builds ``TraceEnum_ELBO``).
+    - ``train_batches(data, batch_size, epoch, seed, rank, world_size)``: one epoch
+      of step arguments, as tuples (the VAE: ``(x,)``; M2: an unlabelled batch, a
+      labelled one and its labels). Its ``len`` is the number of steps.
+    - ``train_record(mean_loss)``: the training loss as it goes into the metrics.
+    - ``held_out(data, config, world)``: the numbers recorded after each epoch.
+    - ``summary(data, metrics, config, world)``: what the run adds to the summary.
+    - ``save_pictures(data, run_dir, metrics)``: the run's pictures.
+    """
+
+    def svi_program(self) -> tuple[Callable, Callable]: ...
+
+    def build_estimator(self, spec: str, num_particles: int) -> ELBO: ...
+
+    def train_batches(
+        self, data: ImageBatches, batch_size: int, epoch: int, seed: int, rank: int, world: int
+    ) -> Batches: ...
+
+    def train_record(self, mean_loss: float | None) -> dict[str, float | None]: ...
+
+    def held_out(
+        self, data: ImageBatches, config: Config, world: distributed.World
+    ) -> dict[str, Any]: ...
+
+    def summary(
+        self, data: ImageBatches, metrics: list[dict], config: Config, world: distributed.World
+    ) -> dict[str, Any]: ...
+
+    def save_pictures(self, data: ImageBatches, run_dir: Path, metrics: list[dict]) -> None: ...
+
+
+class Batches:
+    """An epoch's step arguments, with the number of steps (for the progress bar) and the
+    images per step (``batch_size``, or fewer when the data has fewer)."""
+
+    def __init__(self, steps: Iterator[tuple], count: int, batch_size: int):
+        self.steps, self.count, self.batch_size = steps, count, batch_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.steps
+
+    def __len__(self) -> int:
+        return self.count
+
+
+LABELS = {
+    "train_elbo": ("train ELBO", "9.2f"),
+    "train_loss": ("train loss", "9.2f"),
+    "test_elbo": ("test ELBO", "9.2f"),
+    "validation_accuracy": ("validation accuracy", ".4f"),
+    "test_accuracy": ("test accuracy", ".4f"),
+}
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """``epoch  3  train ELBO  -120.93  test ELBO  -115.93    3.1s``: what each epoch logs."""
+    parts = [f"epoch {record['epoch']:3d}"]
+    for key, value in record.items():
+        if key in LABELS:
+            label, spec = LABELS[key]
+            parts.append(f"{label} {'n/a' if value is None else format(value, spec):>9}")
+    parts.append(f"{record['seconds']:6.1f}s")
+    return "  ".join(parts)
+
+
+def run(
+    model: Trainable,
+    data: ImageBatches,
+    config: Config,
+    run_dir: Path | None,
+    *,
+    checkpoint: dict | None = None,
+    metrics: list[dict[str, Any]] | None = None,
+    world: distributed.World | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train ``model`` on ``data`` as ``config`` says; returns (summary, metrics).
+
+    With a ``run_dir``, each epoch appends its metrics line and (every
+    ``checkpoint_every`` epochs) replaces the checkpoint, and the end writes the
+    summary and the pictures; without one, nothing is written. ``checkpoint``
+    continues a run: model weights are the caller's to load, the optimizer,
+    estimator and random states are restored here.
+    """
+    t = config.train
+    world = world or distributed.World()
+    writes = run_dir is not None and world.is_main
+    info = log.info if world.is_main else _silent
+    pyro.clear_param_store()
+    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
+    elbo = model.build_estimator(config.inference.elbo, config.inference.num_particles)
+    if world.distributed:
+        step_fn = distributed.step(model, optimizer, elbo, data.num_train)
+    else:
+        step_fn = SVI(*model.svi_program(), optimizer, loss=elbo).step
+    if checkpoint:
+        optimizer.set_state(checkpoint["optimizer"])
+        if hasattr(elbo, "load_state_dict"):
+            elbo.load_state_dict(checkpoint["estimator"])
+        set_rng_state(checkpoint["rng"], data)
+    reports_bound = has_bound(config.inference.elbo)
+    metrics = list(metrics or [])
+    last_saved = checkpoint["epoch"] if checkpoint else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = Guard(params, run_dir, last_saved, check_loss=reports_bound)
+    started = time.perf_counter()
+    batch_size = t.batch_size
+    training_seconds = 0.0  # excludes evaluation, for --seconds budgets
+    out_of_time = False
+    with pyro.validation_enabled(t.validate):
+        for epoch in range(last_saved + 1, t.epochs + 1):
+            model.train()
+            epoch_start = time.perf_counter()
+            total_loss, images = 0.0, 0
+            batches = model.train_batches(data, t.batch_size, epoch, t.seed, world.rank, world.size)
+            batch_size = batches.batch_size
+            if batch_size < t.batch_size and epoch == last_saved + 1:
+                log.warning(
+                    "--batch-size %d is more than the %d training images: each step takes all %d",
+                    t.batch_size,
+                    batch_size,
+                    batch_size,
+                )
+            bar = tqdm(
+                batches,
+                total=len(batches),
+                desc=f"epoch {epoch}/{t.epochs}",
+                leave=False,
+                disable=None if progress and world.is_main else True,
+            )
+            for step, args in enumerate(bar, 1):
+                total_loss += guard.step(step_fn, *args, epoch=epoch, step=step)
+                images += len(args[0])
+                if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
+                    out_of_time = True
+                    break
+            seconds = time.perf_counter() - epoch_start
+            training_seconds += seconds
+            guard.end_of_epoch(epoch)
+
+            model.eval()
+            total_loss, images = distributed.all_sum(world, total_loss, images, device=data.device)
+            record = {
+                "epoch": epoch,
+                **model.train_record(total_loss / images if reports_bound else None),
+                **model.held_out(data, config, world),
+                "seconds": seconds,
+                "images_per_second": images / seconds,
+            }
+            metrics.append(record)
+            if writes:
+                append_metrics(run_dir, record)
+            info("%s", epoch_line(record))
+            saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
+            if saving and writes:
+                payload = checkpoint_payload(config, model, epoch, optimizer, elbo, data)
+                save_checkpoint(run_dir, payload)
+                guard.last_saved = epoch
+            if out_of_time:
+                info("stopping: the %g s training budget is spent", t.seconds)
+                break
+
+    summary = {
+        "dataset": config.data.dataset,
+        "model": config.model.kind,
+        "batch_size": batch_size,
+        "epochs": len(metrics),
+        **{k: v for k, v in metrics[-1].items() if k not in ("epoch", "seconds")},
+        **model.summary(data, metrics, config, world),
+        "train_images_per_second": sum(m["images_per_second"] for m in metrics) / len(metrics),
+    }
+    summary.pop("images_per_second", None)
+    summary["wall_seconds"] = time.perf_counter() - started
+    if world.distributed:
+        summary["processes"] = world.size
+        summary["parameters_identical_across_processes"] = distributed.parameters_agree(
+            world, model
+        )
+    if writes:
+        write_json(run_dir / SUMMARY_FILE, summary)
+        model.save_pictures(data, run_dir, metrics)
+    return summary, metrics
+
+
+def _silent(*_: Any) -> None:
+    pass
+
+
+def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *args) -> float:
+    """A per-image average over ``images``, each process measuring its share."""
+    mine = images[world.rank :: world.size]
+    total, count = distributed.all_sum(
+        world, measure(mine, *args) * len(mine), len(mine), device=images.device
+    )
+    return total / count
