@@ -335,7 +335,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         config = train_config(args)
         summary = train(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(summary_line(summary))
+    if _is_main_process():
+        print(summary_line(summary))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -406,31 +407,40 @@ COMMANDS = {
 }
 
 
-class _Stdout(logging.StreamHandler):
-    """Writes each record to ``sys.stdout`` as it is at that moment (tests swap it)."""
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
 
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _) -> None:
-        pass
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
 
 
-def _log_to_stdout(quiet: bool) -> None:
-    """The library logs progress to the ``pyro_vae`` logger; the CLI shows it, unless quiet."""
-    logger = logging.getLogger("pyro_vae")
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(isinstance(h, _Stdout) for h in logger.handlers):
-        handler = _Stdout()
+def _log_handlers(quiet: bool) -> list[logging.Handler]:
+    """Progress (INFO) on stdout unless quiet; warnings on stderr, always."""
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(_Below(logging.WARNING))
+    progress.setLevel(logging.WARNING if quiet else logging.INFO)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    for handler in (progress, warnings):
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    return [progress, warnings]
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun): the process that reports."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stdout(getattr(args, "quiet", False))
+    logger = logging.getLogger("pyro_vae")
+    handlers = _log_handlers(getattr(args, "quiet", False))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
     try:
         COMMANDS[args.command](args)
     except TrainingDiverged as e:
@@ -452,4 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `pyro-vae evaluate R | head`: the reader left early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
     return 0

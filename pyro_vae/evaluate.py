@@ -122,12 +122,13 @@ def test_log_likelihood(
         return log_likelihood(vae, x, num_samples, **options)
 
 
-def _chunks(vae: VAE, x: torch.Tensor, num_samples: int, max_elements: int) -> tuple[int, int]:
-    """Images per batch and samples per chunk, at most ``max_elements`` values per layer."""
+def _chunks(vae: VAE, x: torch.Tensor, num_samples: int, max_elements: int) -> tuple[int, int, int]:
+    """Images per batch, samples per chunk (at most ``max_elements`` values per layer), and
+    the number of chunks."""
     width = _widest(vae)
     batch = max(1, min(len(x), max_elements // (width * min(num_samples, 100))))
     chunk = max(1, min(num_samples, max_elements // (width * batch)))
-    return batch, chunk
+    return batch, chunk, math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
 
 
 def _refuse_if_too_slow(seconds: float, chunks: int, num_samples: int, n: int, limit: float):
@@ -157,8 +158,7 @@ def log_likelihood(
     combined with logsumexp, which leaves the estimate unchanged. The first chunk is
     timed, and a K that would take more than ``max_seconds`` is refused then.
     """
-    batch, chunk = _chunks(vae, x, num_samples, max_elements)
-    chunks = math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
+    batch, chunk, chunks = _chunks(vae, x, num_samples, max_elements)
     bar = tqdm(
         total=chunks,
         desc=f"log p(x), K={num_samples}",
@@ -194,8 +194,7 @@ def check_log_likelihood_time(
     """
     if num_samples * len(x) <= 10**7:
         return
-    batch, chunk = _chunks(vae, x, num_samples, MAX_ELEMENTS)
-    chunks = math.ceil(len(x) / batch) * math.ceil(num_samples / chunk)
+    batch, chunk, chunks = _chunks(vae, x, num_samples, MAX_ELEMENTS)
     with seeded(EVAL_SEED, x.device), torch.no_grad():
         started = time.perf_counter()
         log_weights(vae, x[:batch], min(chunk, num_samples))
@@ -219,7 +218,9 @@ def evaluate_run(
     For a semi-supervised run (M2, M1+M2): test accuracy and the ELBO with y summed out.
     The result is added to the run's ``summary.json`` under ``evaluations`` (one entry
     per K and seed), beside the training run's own figures, which stay as they were.
-    With the training's K and the default seed, it repeats the training's final numbers.
+    With the training's K, the default seed and the training's device, it repeats the
+    final numbers of a run trained in one process (under torchrun each process drew
+    its share of the test set with the same seed).
     ``plugins`` replaces the plugin files the run recorded (when they have moved).
     """
     from .data import ImageBatches, load_dataset

@@ -163,7 +163,7 @@ def run(
             total_loss, images = 0.0, 0
             batches = model.train_batches(data, t.batch_size, epoch, t.seed, world.rank, world.size)
             batch_size = batches.batch_size
-            if batch_size < t.batch_size and epoch == last_saved + 1:
+            if batch_size < t.batch_size and epoch == last_saved + 1 and world.is_main:
                 log.warning(
                     "--batch-size %d is more than the %d training images: each step takes all %d",
                     t.batch_size,

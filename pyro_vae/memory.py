@@ -23,23 +23,44 @@ TENSORS_PER_PARAMETER = 4
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory of ``device`` (the CPU: what the OS reports as available), or None."""
+    """Free memory of ``device``, or None where it cannot be told.
+
+    The CPU: what the OS reports as available, or less where a control group (a
+    container's memory limit, cgroup v2) leaves less.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
+    if device.type != "cpu":
+        return None
+    free = _meminfo_available()
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        free = limit - used if free is None else min(free, limit - used)
+    return free
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    """A number from a control-group file (``max`` and missing files: None)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _virtual_bytes() -> int | None:
@@ -60,8 +81,10 @@ def limited_to_free_memory() -> Iterator[None]:
 
     The address space is capped (``RLIMIT_AS``) at its size now plus what is free, so a
     huge allocation raises instead of being granted lazily and then ending the process
-    in the kernel's out-of-memory killer. Where that is not possible (not Linux, or a
-    tighter limit already set), the block runs unchanged.
+    in the kernel's out-of-memory killer. The limit holds for the whole process while
+    the block runs (other threads too), so keep the block short: building a model.
+    Where that is not possible (not Linux, or a tighter limit already set), the block
+    runs unchanged.
     """
     try:
         import resource

@@ -68,16 +68,20 @@ class MixtureOfGaussiansPrior(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
+_NORMALS = (torch.distributions.Normal, dist.Normal, Normal, DiagonalNormal)
+
+
 def _diagonal_normal(d: dist.Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(loc, log scale) of shape (K, L) if ``d`` is K diagonal Normals over vectors, else None.
 
-    Any Normal counts, the guide's own ``DiagonalNormal`` (which keeps its log scale)
-    included.
+    PyTorch's, Pyro's and this library's Normals count, the guide's ``DiagonalNormal``
+    (which keeps its log scale) included; a subclass of them elsewhere may have a
+    density of its own, so it takes the general path.
     """
     if (
         isinstance(d, torch.distributions.Independent)
         and d.reinterpreted_batch_ndims == 1
-        and isinstance(d.base_dist, torch.distributions.Normal)
+        and type(d.base_dist) in _NORMALS
         and d.base_dist.loc.dim() == 2
     ):
         base = d.base_dist

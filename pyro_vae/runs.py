@@ -160,7 +160,9 @@ def set_rng_state(state: dict[str, Any], data=None) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if data is not None:
-        data.set_rng_state(state["data"])
+        # Checkpoints from before the data pipeline had a generator of its own: it drew
+        # from NumPy's global one, whose state they hold.
+        data.set_rng_state(state.get("data", state["numpy"]))
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:

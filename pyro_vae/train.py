@@ -75,7 +75,7 @@ def _setup(config: Config) -> _Setup:
         from . import semi
 
         semi.split_for(config, dataset)  # refuse an impossible split before the run folder
-    data = ImageBatches(dataset, d.binarize, device, seed=t.seed + world.rank)
+    data = ImageBatches(dataset, d.binarize, device, seed=(t.seed + world.rank) % 2**32)
     pyro.set_rng_seed(t.seed)
     m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
 
@@ -101,7 +101,7 @@ def _setup(config: Config) -> _Setup:
     if config.model.kind == "vae":
         evaluate.check_log_likelihood_time(model, data.test_images, config.inference.iw_samples)
     if world.distributed:  # the same initial model everywhere, different noise per rank
-        pyro.set_rng_seed(t.seed + world.rank)
+        pyro.set_rng_seed((t.seed + world.rank) % 2**32)
     return _Setup(device, world, data, model)
 
 
@@ -256,11 +256,11 @@ def summary_line(summary: dict[str, Any]) -> str:
         line = f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f}"
         if "labeled" in summary:
             line += f" ({summary['labeled']} labels)"
-        return line
-    line = (
-        f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} "
-        f"(K={summary['iw_samples']}) nats/image"
-    )
+    else:
+        line = (
+            f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} "
+            f"(K={summary['iw_samples']}) nats/image"
+        )
     if summary.get("continuous") or summary["test_elbo"] > 0:
         line += " (densities of continuous pixel values: above 0 is possible)"
     return line

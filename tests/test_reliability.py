@@ -47,12 +47,12 @@ def test_two_epochs_then_resume_two_equals_four_straight(elbo, tmp_path):
 # the N-th fsync of metrics.jsonl, or of a checkpoint's temporary file: written, not yet
 # renamed), or "-" (never).
 HARNESS = """
-import os, sys, time
+import os, signal, sys
 event, marker = sys.argv[1], sys.argv[2]
 
-def stall():
+def stall():  # until killed
     open(marker, "w").close()
-    time.sleep(120)
+    signal.pause()
 
 kind, *where = event.split(":")
 if kind == "step":
@@ -78,10 +78,11 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def _wait_for(predicate, timeout=120):
+def _wait_for(predicate, timeout=1800):
+    """Until ``predicate()``; the limit only keeps a stuck child from hanging the suite."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "the child process made no progress"
+        assert time.monotonic() < deadline, "the child process made no progress in 30 minutes"
         time.sleep(0.02)
 
 
@@ -393,3 +394,15 @@ def test_a_batch_larger_than_the_data_says_what_was_used(tmp_path, caplog):
         summary = train(config, tmp_path / "run")
     assert "--batch-size 100000000 is more than the 1500 training images" in caplog.text
     assert summary["batch_size"] == 1500
+
+
+def test_a_checkpoint_from_before_the_data_generator_resumes(run_with_checkpoint):
+    """Older checkpoints hold NumPy's global state, which was then the binarization's."""
+    path = run_with_checkpoint / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    del checkpoint["rng"]["data"]
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    path.write_bytes(buffer.getvalue())
+    summary = resume(run_with_checkpoint, epochs=2)
+    assert summary["epochs"] == 2

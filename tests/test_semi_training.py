@@ -11,7 +11,7 @@ from pyro_vae import ImageBatches, evaluate_run, load_dataset, load_run, semi, t
 from pyro_vae.cli import main
 from pyro_vae.nets import mlp
 from pyro_vae.runs import load_checkpoint, read_metrics
-from pyro_vae.train import resume
+from pyro_vae.train import resume, summary_line
 
 from .helpers import small_config
 
@@ -69,6 +69,9 @@ def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
     assert type(model.prior).__name__ == "MixtureOfGaussiansPrior"
     assert type(model.likelihood).__name__ == "ContinuousBernoulliLikelihood"
     assert summary["test_elbo"] > 0, "a density of [0, 1] intensities, not a probability"
+    assert summary_line(summary).endswith(
+        "(densities of continuous pixel values: above 0 is possible)"
+    )
 
 
 def test_m2_two_epochs_then_resume_two_equals_four_straight(tmp_path):

@@ -221,7 +221,12 @@ class SSVAE(PyroProgram):
     def summary(self, data, metrics: list, config, world) -> dict:
         from .. import semi
 
-        return semi.summarize(semi.split_for_model(self, data, config.train.seed), metrics)
+        parts = semi.split_for_model(self, data, config.train.seed)
+        return {
+            **semi.summarize(parts, metrics),
+            "likelihood": config.model.likelihood,
+            "continuous": getattr(self.likelihood, "continuous", False),
+        }
 
     def save_pictures(self, data, run_dir, metrics: list) -> None:
         from .. import semi
