@@ -13,7 +13,7 @@ import time
 from _common import default_data_dir, run_main
 
 from pyro_vae import Config
-from pyro_vae.compare import compare
+from pyro_vae.evaluation.compare import compare
 
 ESTIMATORS = ["trace", "meanfield", "iwae:5", "dreg:5", "scorefn"]
 

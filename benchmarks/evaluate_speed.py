@@ -17,7 +17,7 @@ import pyro
 from _common import default_data_dir, run_main
 
 from pyro_vae import Config, ImageBatches, load_dataset, load_run, train
-from pyro_vae.evaluate import log_likelihood
+from pyro_vae.evaluation.evaluate import log_likelihood
 
 
 def peak_mb() -> float:

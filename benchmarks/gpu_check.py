@@ -33,8 +33,8 @@ from pyro_vae import (
     priors,
     train,
 )
-from pyro_vae.evaluate import log_likelihood
-from pyro_vae.train import resume
+from pyro_vae.evaluation.evaluate import log_likelihood
+from pyro_vae.training.train import resume
 
 
 def check(name, fn, results):

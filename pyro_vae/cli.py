@@ -26,11 +26,11 @@ PROG = "pyro-vae"
 
 _REGISTRIES = {
     "dataset": ("data", "datasets"),
-    "architecture": ("nets", "architectures"),
-    "prior": ("priors", "priors"),
-    "likelihood": ("likelihoods", "likelihoods"),
-    "guide": ("guides", "guides"),
-    "estimator": ("elbos", "estimators"),
+    "architecture": ("components.nets", "architectures"),
+    "prior": ("components.priors", "priors"),
+    "likelihood": ("components.likelihoods", "likelihoods"),
+    "guide": ("components.guides", "guides"),
+    "estimator": ("inference.elbos", "estimators"),
 }
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_REGISTRIES) + r")\}")
 
@@ -319,7 +319,7 @@ def train_config(args: argparse.Namespace) -> config_lib.Config:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import resume, summary_line, train
+    from .training.train import resume, summary_line, train
 
     if args.resume:
         changed = [f"--{f.replace('_', '-')}" for f in TRAIN_FLAGS if f != "epochs"]
@@ -340,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .evaluation.compare import compare
 
     config = train_config(args)
     if args.seconds is not None and args.epochs is None:
@@ -357,8 +357,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_run
-    from .train import summary_line
+    from .evaluation.evaluate import evaluate_run
+    from .training.train import summary_line
 
     result = evaluate_run(
         args.run_dir,
@@ -382,9 +382,9 @@ MAX_SAMPLES = 10_000
 def cmd_sample(args: argparse.Namespace) -> None:
     import pyro
 
-    from .memory import too_large
-    from .plots import image_grid
-    from .runs import load_run
+    from .evaluation.plots import image_grid
+    from .training.memory import too_large
+    from .training.runs import load_run
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise PyroVAEError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        from .memory import describe_out_of_memory, is_out_of_memory
+        from .training.memory import describe_out_of_memory, is_out_of_memory
 
         if not is_out_of_memory(e):
             raise

@@ -263,12 +263,12 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
 
 def validate(config: Config) -> Config:
     """Refuse out-of-range values and bad specs before any work starts."""
+    from .components.guides import guides
+    from .components.likelihoods import likelihoods
+    from .components.nets import architectures
+    from .components.priors import priors
     from .data import datasets
-    from .elbos import estimators
-    from .guides import guides
-    from .likelihoods import likelihoods
-    from .nets import architectures
-    from .priors import priors
+    from .inference.elbos import estimators
 
     d, m, i, t, s = config.data, config.model, config.inference, config.train, config.semi
     import_plugins(m.plugins)

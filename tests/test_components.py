@@ -22,8 +22,8 @@ from pyro_vae import (
     priors,
     train,
 )
-from pyro_vae.evaluate import log_likelihood
-from pyro_vae.runs import save_checkpoint
+from pyro_vae.evaluation.evaluate import log_likelihood
+from pyro_vae.training.runs import save_checkpoint
 
 from .helpers import small_config
 
@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_keeps_learned_priors_flows_and_scales(
         model={"prior": prior, "guide": guide, "likelihood": likelihood, "arch": arch}
     )
     pyro.set_rng_seed(0)
-    from pyro_vae.runs import build_vae
+    from pyro_vae.training.runs import build_vae
 
     vae = build_vae(config, (8, 8))
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO())
@@ -153,7 +153,7 @@ def test_dlogistic_refuses_data_that_is_not_8_bit(tmp_path):
 
 
 def test_discretized_logistic_is_a_distribution_over_the_256_levels():
-    from pyro_vae.likelihoods import DiscretizedLogistic
+    from pyro_vae.components.likelihoods import DiscretizedLogistic
 
     levels = torch.arange(256.0) / 255
     for loc, scale in ((0.3, 0.05), (0.0, 0.5), (0.97, 0.01), (0.5, 1e-4)):
@@ -206,7 +206,9 @@ def _mixture_log_prob_in_float64(components, z):
 def test_vamp_prior_with_the_library_guide_takes_the_matrix_product_path(monkeypatch):
     import importlib
 
-    priors_module = importlib.import_module("pyro_vae.priors")  # pyro_vae.priors: the registry
+    priors_module = importlib.import_module(
+        "pyro_vae.components.priors"
+    )  # pyro_vae.priors: the registry
 
     calls = []
     gemm = priors_module._diagonal_normal_log_prob
@@ -233,7 +235,7 @@ def test_vamp_density_by_matrix_products_stays_accurate_in_float32_far_from_the_
     cancels; in float32 it lost 0.39 nats."""
     import pyro.distributions as dist
 
-    from pyro_vae.priors import UniformMixture
+    from pyro_vae.components.priors import UniformMixture
 
     torch.manual_seed(0)
     loc = 3 * torch.randn(50, 50)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pyro_vae import PyroVAEError, priors
 from pyro_vae.config import Config, apply_overrides, dumps, from_dict, load, validate
-from pyro_vae.elbos import estimators
+from pyro_vae.inference.elbos import estimators
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -157,7 +157,7 @@ def test_spec_parser_converts_arguments_and_explains_usage():
 
 def test_a_user_registered_component_is_selectable_by_name(monkeypatch):
     from pyro_vae import VAE
-    from pyro_vae.priors import StandardNormalPrior
+    from pyro_vae.components.priors import StandardNormalPrior
 
     monkeypatch.setattr(priors, "_entries", dict(priors._entries))
 

@@ -7,8 +7,9 @@ import sys
 import pyro
 import pytest
 
-from pyro_vae import VAE, ImageBatches, PyroVAEError, distributed, estimators, load_dataset, train
-from pyro_vae.runs import read_metrics
+from pyro_vae import VAE, ImageBatches, PyroVAEError, estimators, load_dataset, train
+from pyro_vae.training import distributed
+from pyro_vae.training.runs import read_metrics
 
 from .helpers import small_config
 

@@ -9,7 +9,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.distributions import DiagonalNormal, Independent, IndependentBernoulli, Normal
+from pyro_vae.components.distributions import (
+    DiagonalNormal,
+    Independent,
+    IndependentBernoulli,
+    Normal,
+)
 
 
 def _leaf(*shape, scale=1.0, offset=0.0):

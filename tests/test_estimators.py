@@ -13,10 +13,10 @@ from pyro.optim import Adam
 from pyro.poutine.messenger import Messenger
 
 from pyro_vae import VAE, ImageBatches, estimators, load_dataset, load_run
-from pyro_vae.compare import compare, gradient_snr, parameter_groups
-from pyro_vae.elbos import DReG_ELBO, data_scale, has_bound, log_density
-from pyro_vae.evaluate import log_likelihood
-from pyro_vae.runs import load_checkpoint, read_metrics
+from pyro_vae.evaluation.compare import compare, gradient_snr, parameter_groups
+from pyro_vae.evaluation.evaluate import log_likelihood
+from pyro_vae.inference.elbos import DReG_ELBO, data_scale, has_bound, log_density
+from pyro_vae.training.runs import load_checkpoint, read_metrics
 
 from .helpers import small_config
 
@@ -136,13 +136,12 @@ def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
 
 def test_a_seconds_budget_stops_training_at_the_step_that_spends_it(tmp_path, monkeypatch):
     """On a clock that moves one second per training step, whatever the machine's speed."""
-    import importlib
     import types
 
     from pyro_vae import train
-    from pyro_vae.divergence import Guard
+    from pyro_vae.inference.divergence import Guard
+    from pyro_vae.training import loop
 
-    loop = importlib.import_module("pyro_vae.fit")  # pyro_vae.fit: the function
     clock = [0.0]
     fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0])
     monkeypatch.setattr(loop, "time", fake_time)

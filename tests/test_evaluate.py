@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_vae import ImageBatches, load_dataset, load_run
-from pyro_vae.evaluate import elbo, log_likelihood
+from pyro_vae.evaluation.evaluate import elbo, log_likelihood
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_elbo_is_finite_and_below_zero_for_binary_images(vae, batch):
 
 
 def test_components_accept_objects_as_well_as_specs(vae):
-    from pyro_vae.priors import LearnedNormalPrior
+    from pyro_vae.components.priors import LearnedNormalPrior
 
     prior = LearnedNormalPrior(5)
     model = VAE((8, 8), latent_dim=5, hidden=(32,), prior=prior)

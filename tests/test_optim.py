@@ -9,8 +9,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 from torch.optim.adam import adam as functional_adam
 
-from pyro_vae import VAE, optim
-from pyro_vae.optim import Adam
+from pyro_vae import VAE
+from pyro_vae.inference import optim
+from pyro_vae.inference.optim import Adam
 
 
 def test_the_private_names_it_reads_are_still_there():

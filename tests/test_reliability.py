@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from pyro_vae import PyroVAEError, architectures, estimators, guides, likelihoods, priors, train
 from pyro_vae.cli import main
+from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.config import Config, apply_overrides, from_dict, to_dict, validate
-from pyro_vae.divergence import TrainingDiverged
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.runs import load_checkpoint, load_run, read_metrics
-from pyro_vae.train import resume
+from pyro_vae.inference.divergence import TrainingDiverged
+from pyro_vae.training.runs import load_checkpoint, load_run, read_metrics
+from pyro_vae.training.train import resume
 
 from .helpers import small_config
 
@@ -56,7 +56,7 @@ def stall():  # until killed
 
 kind, *where = event.split(":")
 if kind == "step":
-    from pyro_vae.divergence import Guard
+    from pyro_vae.inference.divergence import Guard
     real_step = Guard.step
     def step(self, fn, *args, epoch, step):
         if (epoch, step) == tuple(map(int, where)):
@@ -374,7 +374,7 @@ def test_ctrl_c_during_evaluate_exits_130_and_writes_nothing(
 ):
     import importlib
 
-    evaluate_module = importlib.import_module("pyro_vae.evaluate")
+    evaluate_module = importlib.import_module("pyro_vae.evaluation.evaluate")
     calls = []
 
     def interrupted(*args, **kwargs):

@@ -9,9 +9,9 @@ import torch
 
 from pyro_vae import ImageBatches, evaluate_run, load_dataset, load_run, semi, train
 from pyro_vae.cli import main
-from pyro_vae.nets import mlp
-from pyro_vae.runs import load_checkpoint, read_metrics
-from pyro_vae.train import resume, summary_line
+from pyro_vae.components.nets import mlp
+from pyro_vae.training.runs import load_checkpoint, read_metrics
+from pyro_vae.training.train import resume, summary_line
 
 from .helpers import small_config
 

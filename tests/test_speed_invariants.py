@@ -7,8 +7,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import VAE, Config
-from pyro_vae.optim import Adam
-from pyro_vae.train import make_svi
+from pyro_vae.inference.optim import Adam
+from pyro_vae.training.train import make_svi
 
 
 def fixed_model_and_batch():

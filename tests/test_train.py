@@ -9,8 +9,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 from pyro_vae import ImageBatches, PyroVAEError, load_config, load_dataset, load_run, train
-from pyro_vae.evaluate import elbo
-from pyro_vae.runs import build_vae, load_checkpoint, read_metrics, save_checkpoint
+from pyro_vae.evaluation.evaluate import elbo
+from pyro_vae.training.runs import build_vae, load_checkpoint, read_metrics, save_checkpoint
 
 from .helpers import small_config
 
@@ -99,7 +99,7 @@ def test_existing_run_folder_is_refused_without_overwrite(trained_run):
 
 
 def test_data_outside_the_support_is_refused_before_the_run_folder_exists(tmp_path, monkeypatch):
-    from pyro_vae.likelihoods import BernoulliLikelihood
+    from pyro_vae.components.likelihoods import BernoulliLikelihood
 
     def refuse(self, x):
         raise PyroVAEError("data outside the support")
@@ -111,7 +111,7 @@ def test_data_outside_the_support_is_refused_before_the_run_folder_exists(tmp_pa
 
 
 def test_bernoulli_refuses_values_outside_the_unit_interval():
-    from pyro_vae.likelihoods import BernoulliLikelihood
+    from pyro_vae.components.likelihoods import BernoulliLikelihood
 
     likelihood = BernoulliLikelihood(4)
     likelihood.check_support(torch.tensor([[0.0, 0.5, 1.0, 1.0]]))

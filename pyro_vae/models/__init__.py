@@ -1,6 +1,7 @@
 """Pyro programs built from the components: the VAE and the semi-supervised M2 and M1+M2."""
 
+from .base import PyroProgram
 from .ssvae import M1M2, SSVAE
 from .vae import VAE
 
-__all__ = ["M1M2", "SSVAE", "VAE"]
+__all__ = ["M1M2", "PyroProgram", "SSVAE", "VAE"]

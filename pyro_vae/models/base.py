@@ -101,13 +101,13 @@ class PyroProgram(nn.Module):
 
     def build_estimator(self, spec: str, num_particles: int):
         """The ELBO estimator named by ``spec`` (see ``pyro_vae.estimators``)."""
-        from ..elbos import estimators
+        from ..inference.elbos import estimators
 
         return estimators.build(spec, num_particles=num_particles, data_dim=self.data_dim)
 
     def train_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
         """One epoch of ``(x,)``: the training images in an order set by (seed, epoch)."""
-        from ..fit import Batches
+        from ..training.loop import Batches
 
         order = data.epoch_order(seed, epoch)
         batches = data.train_batches(batch_size, order, rank, world)
@@ -121,8 +121,8 @@ class PyroProgram(nn.Module):
 
     def held_out(self, data, config, world) -> dict:
         """The test ELBO, its draws seeded (so it does not move the training stream)."""
-        from .. import evaluate
-        from ..fit import sharded
+        from ..evaluation import evaluate
+        from ..training.loop import sharded
 
         if data.test_images is None or not len(data.test_images):
             return {"test_elbo": None}
@@ -131,8 +131,8 @@ class PyroProgram(nn.Module):
 
     def summary(self, data, metrics: list, config, world) -> dict:
         """log p(x) by importance sampling with the config's K, seeded like the test ELBO."""
-        from .. import evaluate
-        from ..fit import sharded
+        from ..evaluation import evaluate
+        from ..training.loop import sharded
 
         if data.test_images is None or not len(data.test_images):
             return {}
@@ -151,7 +151,7 @@ class PyroProgram(nn.Module):
 
     def save_pictures(self, data, run_dir, metrics: list) -> None:
         """reconstructions.png (test images above their reconstructions), samples.png, elbo.png."""
-        from .. import plots
+        from ..evaluation import plots
 
         shape = getattr(self, "image_shape", None)
         test = data.test_images

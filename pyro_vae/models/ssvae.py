@@ -20,12 +20,12 @@ import torch
 from pyro.contrib.autoname import scope
 from torch import nn
 
+from ..components.guides import guides
+from ..components.likelihoods import likelihoods
+from ..components.nets import mlp
+from ..components.priors import priors
 from ..config import SemiConfig
 from ..errors import PyroVAEError
-from ..guides import guides
-from ..likelihoods import likelihoods
-from ..nets import mlp
-from ..priors import priors
 from ..registry import check_positive
 from .base import PyroProgram
 from .vae import VAE
@@ -201,12 +201,12 @@ class SSVAE(PyroProgram):
         return self.semi_model, self.semi_guide
 
     def build_estimator(self, spec: str, num_particles: int):
-        from .. import semi
+        from ..training import semi
 
         return semi.estimator(spec, num_particles)
 
     def train_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
-        from .. import semi
+        from ..training import semi
 
         return semi.train_batches(self, data, batch_size, epoch, seed)
 
@@ -214,12 +214,12 @@ class SSVAE(PyroProgram):
         return {"train_loss": mean_loss}
 
     def held_out(self, data, config, world) -> dict:
-        from .. import semi
+        from ..training import semi
 
         return semi.held_out(self, data, config.train.seed)
 
     def summary(self, data, metrics: list, config, world) -> dict:
-        from .. import semi
+        from ..training import semi
 
         parts = semi.split_for_model(self, data, config.train.seed)
         return {
@@ -229,7 +229,7 @@ class SSVAE(PyroProgram):
         }
 
     def save_pictures(self, data, run_dir, metrics: list) -> None:
-        from .. import semi
+        from ..training import semi
 
         semi.save_pictures(self, data, run_dir, metrics)
 

@@ -16,10 +16,10 @@ import pyro
 import torch
 from torch import nn
 
-from ..guides import guides
-from ..likelihoods import likelihoods
-from ..nets import architectures
-from ..priors import priors
+from ..components.guides import guides
+from ..components.likelihoods import likelihoods
+from ..components.nets import architectures
+from ..components.priors import priors
 from ..registry import check_positive
 from .base import PyroProgram
 

@@ -21,14 +21,14 @@ import pyro
 import torch
 from matplotlib.figure import Figure
 
-from .config import SNR_REPEATS, Config, validate
-from .data import ImageBatches, load_dataset
-from .elbos import bound_estimator, estimators
-from .errors import PyroVAEError
-from .models import VAE
+from ..config import SNR_REPEATS, Config, validate
+from ..data import ImageBatches, load_dataset
+from ..errors import PyroVAEError
+from ..inference.elbos import bound_estimator, estimators
+from ..models import VAE
+from ..training.runs import atomic_write, load_run, prepare_run_dir, read_metrics
+from ..training.train import train
 from .plots import save_figure
-from .runs import atomic_write, load_run, prepare_run_dir, read_metrics
-from .train import train
 
 log = logging.getLogger(__name__)
 

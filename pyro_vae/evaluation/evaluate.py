@@ -22,9 +22,9 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from .elbos import log_density, vectorized_traces
-from .errors import PyroVAEError
-from .models import VAE
+from ..errors import PyroVAEError
+from ..inference.elbos import log_density, vectorized_traces
+from ..models import VAE
 
 
 def _malloc_trim():
@@ -223,9 +223,9 @@ def evaluate_run(
     its share of the test set with the same seed).
     ``plugins`` replaces the plugin files the run recorded (when they have moved).
     """
-    from .data import ImageBatches, load_dataset
-    from .devices import resolve_device
-    from .runs import SUMMARY_FILE, load_run, write_json
+    from ..data import ImageBatches, load_dataset
+    from ..training.devices import resolve_device
+    from ..training.runs import SUMMARY_FILE, load_run, write_json
 
     device = resolve_device(device)
     vae = load_run(run_dir, device, plugins=plugins)
@@ -245,7 +245,7 @@ def evaluate_run(
             "continuous": getattr(vae.likelihood, "continuous", False),
         }
     else:
-        from . import semi
+        from ..training import semi
 
         result = semi.evaluate(vae, data, seed)
     result["seed"] = seed

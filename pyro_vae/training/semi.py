@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from pyro.infer import JitTraceEnum_ELBO, TraceEnum_ELBO
 
-from . import plots
-from .config import Config
-from .data import Dataset, ImageBatches
-from .errors import PyroVAEError
-from .evaluate import EVAL_SEED, seeded
-from .models import SSVAE
+from ..config import Config
+from ..data import Dataset, ImageBatches
+from ..errors import PyroVAEError
+from ..evaluation import plots
+from ..evaluation.evaluate import EVAL_SEED, seeded
+from ..models import SSVAE
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
 def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int, seed: int):
     """One epoch of (unlabelled, labelled, labels) steps: every unlabelled image once, in an
     order set by (seed, epoch), each step with the next labelled batch."""
-    from .fit import Batches
+    from .loop import Batches
 
     parts = split_for_model(model, data, seed)
     device = data.train_images.device

@@ -15,8 +15,8 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from ..registry import Arg, Registry, check_positive
 from .distributions import DiagonalNormal, Normal
-from .registry import Arg, Registry, check_positive
 
 priors = Registry("prior")
 _SCALAR = torch.Size()

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import config as config_lib
-from .config import Config
-from .errors import PyroVAEError
-from .models import M1M2, SSVAE, VAE
-from .registry import import_plugins
+from .. import config as config_lib
+from ..config import Config
+from ..errors import PyroVAEError
+from ..models import M1M2, SSVAE, VAE
+from ..registry import import_plugins
 
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
 CHECKPOINT_VERSION = 1

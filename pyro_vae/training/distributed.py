@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PyroVAEError
+from ..errors import PyroVAEError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TrainingDiverged
+from ..errors import TrainingDiverged
 
 __all__ = ["Guard", "TrainingDiverged", "finite"]
 

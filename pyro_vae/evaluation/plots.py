@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from .runs import atomic_write
+from ..training.runs import atomic_write
 
 DPI = 100
 TILE_PIXELS = 56

@@ -22,12 +22,12 @@ import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
+from ..config import Config
+from ..data import ImageBatches
+from ..inference.divergence import Guard
+from ..inference.elbos import has_bound
+from ..inference.optim import Adam
 from . import distributed
-from .config import Config
-from .data import ImageBatches
-from .divergence import Guard
-from .elbos import has_bound
-from .optim import Adam
 from .runs import (
     SUMMARY_FILE,
     append_metrics,

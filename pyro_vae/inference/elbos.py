@@ -32,8 +32,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from .errors import PyroVAEError
-from .registry import Arg, Registry, nonnegative_float
+from ..errors import PyroVAEError
+from ..registry import Arg, Registry, nonnegative_float
 
 estimators = Registry("estimator")
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from ..errors import PyroVAEError
+from ..registry import Registry
 from .distributions import IndependentBernoulli
-from .errors import PyroVAEError
-from .registry import Registry
 
 likelihoods = Registry("likelihood")
 _SCALAR = torch.Size()

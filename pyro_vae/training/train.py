@@ -20,16 +20,17 @@ import pyro
 import torch
 from pyro.infer import ELBO, SVI
 
-from . import distributed, evaluate, fit
-from .config import Config, dumps, to_dict, validate
-from .config import load as load_config
-from .data import ImageBatches, load_dataset
+from ..config import Config, dumps, to_dict, validate
+from ..config import load as load_config
+from ..data import ImageBatches, load_dataset
+from ..errors import PyroVAEError
+from ..evaluation import evaluate
+from ..inference.elbos import estimators
+from ..inference.optim import Adam
+from ..models import VAE
+from . import distributed, loop
 from .devices import resolve_device
-from .elbos import estimators
-from .errors import PyroVAEError
 from .memory import check_model_fits, limited_to_free_memory, too_large
-from .models import VAE
-from .optim import Adam
 from .runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -237,7 +238,7 @@ def _fit(
             where,
             run_dir,
         )
-    summary, _ = fit.run(
+    summary, _ = loop.run(
         setup.vae,
         data,
         config,

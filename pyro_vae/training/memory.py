@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .errors import PyroVAEError
+from ..errors import PyroVAEError
 
 TENSORS_PER_PARAMETER = 4
 """Parameter, gradient and Adam's two moments."""

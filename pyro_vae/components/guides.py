@@ -14,8 +14,8 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from ..registry import Arg, Registry, check_positive
 from .distributions import DiagonalNormal
-from .registry import Arg, Registry, check_positive
 
 guides = Registry("guide")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import PyroVAEError
+from ..errors import PyroVAEError
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

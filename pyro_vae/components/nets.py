@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import PyroVAEError
-from .registry import Registry
+from ..errors import PyroVAEError
+from ..registry import Registry
 
 architectures = Registry("architecture")
 
