@@ -268,21 +268,44 @@ def validate(config: Config) -> Config:
     from .components.nets import architectures
     from .components.priors import priors
     from .data import datasets
-    from .inference.elbos import estimators
 
-    d, m, i, t, s = config.data, config.model, config.inference, config.train, config.semi
+    d, m, s = config.data, config.model, config.semi
     import_plugins(m.plugins)
     if m.kind not in MODEL_KINDS:
         raise PyroVAEError(f"unknown model {m.kind!r}; choose from: {', '.join(MODEL_KINDS)}")
     if d.dataset not in datasets:
         raise PyroVAEError(f"unknown dataset {d.dataset!r}; choose from: {datasets.choices()}")
+    _check(
+        (m.latent_dim >= 1, "model.latent_dim must be >= 1"),
+        (len(m.hidden) >= 1 and min(m.hidden) >= 1, "model.hidden must be sizes >= 1"),
+        (s.labeled >= 1, "semi.labeled must be >= 1"),
+        (math.isfinite(s.aux_weight) and s.aux_weight >= 0, "semi.aux_weight must be >= 0"),
+        (s.validation is None or s.validation >= 0, "semi.validation must be >= 0"),
+    )
+    validate_training(config)
+    for registry, spec in (
+        (architectures, m.arch),
+        (priors, m.prior),
+        (likelihoods, m.likelihood),
+        (guides, m.guide),
+    ):
+        registry.parse(spec)
+    if m.kind != "vae":
+        _validate_semi(config)
+    return config
+
+
+def validate_training(config: Config) -> Config:
+    """Refuse out-of-range training settings (the ``train`` and ``inference`` sections and
+    the binarization): what ``pyro_vae.fit`` needs of a config, whatever the model."""
+    from .inference.elbos import estimators
+
+    d, i, t = config.data, config.inference, config.train
     if d.binarize not in BINARIZATIONS:
         raise PyroVAEError(
             f"unknown binarization {d.binarize!r}; choose from: {', '.join(BINARIZATIONS)}"
         )
-    checks = [
-        (m.latent_dim >= 1, "model.latent_dim must be >= 1"),
-        (len(m.hidden) >= 1 and min(m.hidden) >= 1, "model.hidden must be sizes >= 1"),
+    _check(
         (i.num_particles >= 1, "inference.num_particles must be >= 1"),
         (i.iw_samples >= 1, "inference.iw_samples must be >= 1"),
         (t.epochs >= 1, "train.epochs must be >= 1"),
@@ -291,27 +314,18 @@ def validate(config: Config) -> Config:
         (0 <= t.seed <= SEED_MAX, f"train.seed must be in 0 .. {SEED_MAX}"),
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
-        (s.labeled >= 1, "semi.labeled must be >= 1"),
-        (math.isfinite(s.aux_weight) and s.aux_weight >= 0, "semi.aux_weight must be >= 0"),
-        (s.validation is None or s.validation >= 0, "semi.validation must be >= 0"),
         (math.isfinite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad must be >= 0"),
-    ]
+    )
+    if t.device not in ("cpu", "cuda", "auto") and not t.device.startswith("cuda:"):
+        raise PyroVAEError(f"unknown device {t.device!r}; choose from: cpu, cuda, cuda:N, auto")
+    estimators.parse(i.elbo)
+    return config
+
+
+def _check(*checks: tuple[bool, str]) -> None:
     for ok, message in checks:
         if not ok:
             raise PyroVAEError(message)
-    if t.device not in ("cpu", "cuda", "auto") and not t.device.startswith("cuda:"):
-        raise PyroVAEError(f"unknown device {t.device!r}; choose from: cpu, cuda, cuda:N, auto")
-    for registry, spec in (
-        (architectures, m.arch),
-        (priors, m.prior),
-        (likelihoods, m.likelihood),
-        (guides, m.guide),
-    ):
-        registry.parse(spec)
-    estimators.parse(i.elbo)
-    if m.kind != "vae":
-        _validate_semi(config)
-    return config
 
 
 def _validate_semi(config: Config) -> None:
@@ -323,8 +337,6 @@ def _validate_semi(config: Config) -> None:
         )
     if m.arch != "mlp":
         raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
-    if config.train.seconds:
-        raise PyroVAEError(f"--seconds is for VAE runs; give --model {m.kind} --epochs")
     if m.kind == "m1m2" and not config.semi.m1_run:
         raise PyroVAEError("--model m1m2 needs --m1-run RUN_DIR, a VAE run trained on the data")
     if m.kind == "m2" and config.semi.m1_run:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,16 +35,75 @@ TEST_BINARIZATION_SEED = 0
 
 @dataclass
 class Dataset:
-    """Train and test images as flattened uint8 levels, with labels."""
+    """Train and test images, flattened, with labels (or None).
+
+    ``levels``: the images are integers 0..levels (uint8), pixel intensity
+    level / levels, as 8-bit images (255) and the bundled digits (16) are stored;
+    None: they are floats, taken as they are (in [0, 1] for a Bernoulli likelihood
+    and for binarization).
+    """
 
     name: str
     image_shape: tuple[int, ...]
-    levels: int
+    levels: int | None
     train_images: torch.Tensor
-    train_labels: torch.Tensor
+    train_labels: torch.Tensor | None
     test_images: torch.Tensor
-    test_labels: torch.Tensor
+    test_labels: torch.Tensor | None
     num_classes: int = 10
+
+
+def _images_and_labels(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and labels from a tensor, an (images, labels) pair or a ``torch`` Dataset."""
+    if isinstance(data, torch.Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return data[0], torch.as_tensor(data[1])
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        from torchvision.transforms.functional import pil_to_tensor
+
+        images, labels = [], []
+        for i in range(len(data)):  # once, when the data is taken in
+            item = data[i]
+            x, y = item if isinstance(item, (tuple, list)) else (item, None)
+            images.append(x if isinstance(x, torch.Tensor) else pil_to_tensor(x))
+            labels.append(y)
+        has_labels = all(y is not None for y in labels)
+        return torch.stack(images), torch.as_tensor(labels) if has_labels else None
+    raise PyroVAEError(
+        f"cannot take images from a {type(data).__name__}: give a tensor, an (images, labels) "
+        f"pair, a torch Dataset or a registered dataset's name"
+    )
+
+
+def as_dataset(
+    train: Any, test: Any = None, image_shape: Sequence[int] | None = None, name: str = "in-memory"
+) -> Dataset:
+    """A :class:`Dataset` from images in memory: tensors (N, *image_shape) or (N, D), uint8
+    levels 0..255 or floats, optionally with labels; or a ``torch`` Dataset of images or
+    (image, label) items (PIL images are read as uint8)."""
+    x, y = _images_and_labels(train)
+    if test is None:
+        tx, ty = x[:0], None if y is None else y[:0]
+    else:
+        tx, ty = _images_and_labels(test)
+    shape = tuple(image_shape) if image_shape else tuple(x.shape[1:])
+    size = math.prod(shape)
+    for part, images in (("training", x), ("test", tx)):
+        if images.dim() < 2 or math.prod(images.shape[1:]) != size:
+            raise PyroVAEError(
+                f"the {part} images have shape {tuple(images.shape)}; expected (N, {size}) "
+                f"or (N, {', '.join(map(str, shape))})"
+            )
+    if (x.dtype == torch.uint8) != (tx.dtype == torch.uint8):
+        raise PyroVAEError("training and test images must both be uint8, or both floats")
+    levels = 255 if x.dtype == torch.uint8 else None
+    flat = [t.reshape(len(t), size) for t in (x, tx)]
+    if levels is None:
+        flat = [t.float() for t in flat]
+    labels = [t for t in (y, ty) if t is not None and len(t)]
+    classes = max(int(t.max()) + 1 for t in labels) if labels else 10
+    return Dataset(name, shape, levels, flat[0].contiguous(), y, flat[1].contiguous(), ty, classes)
 
 
 def default_data_dir() -> Path:
@@ -170,6 +231,12 @@ def _bernoulli_levels(
     return (r < levels).float()
 
 
+def _bernoulli_floats(p: torch.Tensor, rng: np.random.RandomState) -> torch.Tensor:
+    """Bernoulli(p) for intensities ``p`` in [0, 1]: P(u < p), u uniform on [0, 1)."""
+    u = torch.from_numpy(rng.random_sample(p.shape).astype(np.float32)).to(p.device)
+    return (u < p).float()
+
+
 class ImageBatches:
     """A dataset on a device, ready to hand out training batches and the test set.
 
@@ -188,9 +255,17 @@ class ImageBatches:
         self.dataset = dataset
         self.binarize = binarize
         self.rng = np.random.RandomState(seed)
-        self.scale = 1.0 / dataset.levels
+        self.scale = 1.0 / dataset.levels if dataset.levels else 1.0
         test = dataset.test_images.float() * self.scale
         train = dataset.train_images
+        if binarize != "none" and dataset.levels is None:
+            for images in (train, test):
+                if images.numel() and (images.min() < 0 or images.max() > 1):
+                    raise PyroVAEError(
+                        f"{binarize} binarization draws Bernoulli(intensity), which needs "
+                        f"intensities in [0, 1]; the data spans [{images.min().item():g}, "
+                        f"{images.max().item():g}] (use binarize 'none')"
+                    )
         if binarize != "none":
             test = _binarize_once(test)
         if binarize == "static":
@@ -211,6 +286,8 @@ class ImageBatches:
         """Training images at ``index`` as floats, binarized afresh when dynamic."""
         levels = self.train_images[index]
         if self.binarize == "dynamic":
+            if levels.dtype != torch.uint8:  # intensities as floats
+                return _bernoulli_floats(levels, self.rng)
             return _bernoulli_levels(levels, self.dataset.levels, self.rng)
         return levels.float().mul_(self.scale)
 
@@ -229,7 +306,8 @@ class ImageBatches:
         For held-out training images (a validation split), so that their scores do
         not change from one evaluation to the next.
         """
-        images = self.dataset.train_images[index.cpu()].float() * (1.0 / self.dataset.levels)
+        scale = 1.0 / self.dataset.levels if self.dataset.levels else 1.0
+        images = self.dataset.train_images[index.cpu()].float() * scale
         if self.binarize != "none":
             images = _binarize_once(images)
         return images.to(self.train_images.device)

@@ -108,7 +108,6 @@ def test_m1m2_stacks_m2_on_a_trained_vae_and_keeps_it_in_its_checkpoint(trained_
         (["--model", "m2", "--elbo", "iwae:5"], "does not run m2"),
         (["--model", "m2", "--prior", "vamp:10"], "does not apply to M2"),
         (["--model", "m2", "--arch", "conv"], "built of MLPs"),
-        (["--model", "m2", "--seconds", "5"], "--seconds is for VAE runs"),
         (["--model", "m3"], "unknown model"),
         (["--model", "m2", "--m1-run", "x"], "is for --model m1m2"),
     ],

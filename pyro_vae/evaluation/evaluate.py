@@ -80,10 +80,12 @@ def log_weights(vae: VAE, x: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 def _widest(vae: VAE) -> int:
-    """Values per (sample, image) in the largest intermediate tensor, roughly."""
-    widths = [vae.data_dim, vae.posterior.param_dim, vae.likelihood.param_dim]
+    """Values per (sample, image) in the largest intermediate tensor, roughly (for any
+    program: the components it may lack count as 0)."""
+    parts = [getattr(vae, name, None) for name in ("posterior", "likelihood", "prior")]
+    widths = [getattr(vae, "data_dim", 1), *(getattr(c, "param_dim", 0) for c in parts)]
     widths += [p.shape[0] for p in vae.parameters() if p.dim() == 2]
-    widths += [getattr(c, "evaluation_width", 0) for c in (vae.prior, vae.posterior)]
+    widths += [getattr(c, "evaluation_width", 0) for c in parts]
     return max(widths)
 
 

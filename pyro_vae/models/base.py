@@ -95,6 +95,18 @@ class PyroProgram(nn.Module):
 
     # What pyro_vae.fit asks (fit.Trainable), for a program over batches of images.
 
+    def check_data(self, data, config) -> None:
+        """Refuse, before any training, data outside the likelihood's support, and a final
+        log p(x) that would take more than a day."""
+        from ..evaluation import evaluate
+
+        check = getattr(getattr(self, "likelihood", None), "check_support", None)
+        if check is not None:
+            for images in data.all_images():
+                check(images)
+        if len(data.test_images):
+            evaluate.check_log_likelihood_time(self, data.test_images, config.inference.iw_samples)
+
     def svi_program(self):
         """The Pyro model and guide of one SVI step."""
         return self.model, self.guide

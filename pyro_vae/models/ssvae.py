@@ -197,6 +197,16 @@ class SSVAE(PyroProgram):
 
     # What pyro_vae.fit asks (fit.Trainable): the semi-supervised step and its numbers.
 
+    def check_data(self, data, config) -> None:
+        """Refuse an impossible split, and data outside the likelihood's support."""
+        from ..training import semi
+
+        if data.dataset.train_labels is None:
+            raise PyroVAEError(f"{type(self).__name__} learns from labels: the data has none")
+        semi.split_for_model(self, data, config.train.seed)
+        for images in data.all_images():
+            self.likelihood.check_support(self.features(images))
+
     def svi_program(self):
         return self.semi_model, self.semi_guide
 
@@ -264,3 +274,14 @@ class M1M2(SSVAE):
     @torch.no_grad()
     def image(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.m1.likelihood(self.m1.decoder(decoded)).mean
+
+    def check_data(self, data, config) -> None:
+        try:
+            super().check_data(data, config)
+        except PyroVAEError as e:
+            if "likelihood" not in str(e):
+                raise
+            raise PyroVAEError(
+                f"M1+M2 models the M1 run's latent means, which are real numbers: {e}; "
+                f"use --likelihood gaussian"
+            ) from None

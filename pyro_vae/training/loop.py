@@ -11,9 +11,13 @@ summary, the pictures, and DDP under torchrun.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -242,3 +246,189 @@ def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *
         world, measure(mine, *args) * len(mine), len(mine), device=images.device
     )
     return total / count
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model (in eval mode), one record per epoch, and
+    the summary (also in ``run_dir/summary.json`` when there is a run folder)."""
+
+    model: Any
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def fit(
+    model: Trainable,
+    data: Any,
+    *,
+    test: Any = None,
+    config: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    world: distributed.World | None = None,
+    **settings: Any,
+) -> FitResult:
+    """Train ``model`` on ``data`` with SVI: the loop every model and the CLI run.
+
+    Args:
+        model: a :class:`Trainable`: a ``VAE``, an ``SSVAE``, a user's subclass or own
+            ``PyroProgram``.
+        data: the training images: a tensor (N, *image_shape) or (N, D), of uint8
+            levels 0..255 or of floats; an (images, labels) pair; a ``torch`` Dataset
+            of images or (image, label) items; a registered dataset's name
+            (``"digits"``, ``"mnist"``); or an ``ImageBatches``.
+        test: held-out images, in any of the forms of ``data`` but a name (a named
+            dataset has its own test set); without any, no held-out numbers.
+        config: the settings (default: ``Config()``); ``settings`` override its
+            ``train``, ``inference`` and ``data`` fields by name, e.g. ``epochs=5``,
+            ``elbo="iwae:5"``, ``lr=3e-4``, ``binarize="none"``.
+        run_dir: a run folder to write (config, metrics, checkpoints, summary,
+            pictures), as ``pyro-vae train`` does; None trains in memory.
+        resume: continue the run in ``run_dir`` from its checkpoint, with the same
+            model and data as before (``epochs`` may grow).
+
+    A run that fails before its first checkpoint leaves no run folder.
+    """
+    from ..config import Config as ConfigClass
+    from ..config import dumps, validate_training
+    from ..data import ImageBatches as Batches_
+    from ..data import as_dataset, load_dataset
+    from ..errors import PyroVAEError
+    from .devices import resolve_device
+    from .runs import (
+        CHECKPOINT_FILE,
+        CONFIG_FILE,
+        atomic_write,
+        check_run_dir,
+        discard_run_dir,
+        prepare_run_dir,
+        read_metrics,
+    )
+
+    config = copy.deepcopy(config) if config is not None else ConfigClass()
+    _apply_settings(config, settings)
+    validate_training(config)
+    world = world or distributed.World()
+    device = _device_of(model) if "device" not in settings else resolve_device(config.train.device)
+    if isinstance(data, str):
+        if test is not None:
+            raise PyroVAEError(f"dataset {data!r} has its own test set; drop test=")
+        config.data.dataset = data
+        data = load_dataset(data, config.data.data_dir)
+    if not isinstance(data, Batches_):
+        if not hasattr(data, "train_images"):
+            data = as_dataset(data, test, getattr(model, "image_shape", None))
+        seed = (config.train.seed + world.rank) % 2**32
+        data = Batches_(data, config.data.binarize, device, seed=seed)
+    model = model.to(data.device)
+    model.check_data(data, config)
+
+    checkpoint, metrics = None, []
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if resume:
+            checkpoint = _resumed(run_dir, config, data.device)
+            if checkpoint:
+                model.load_state_dict(checkpoint["model"])
+                metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= checkpoint["epoch"]]
+                info = log.info if world.is_main else _silent
+                info("resuming %s after epoch %d", run_dir, checkpoint["epoch"])
+        else:
+            check_run_dir(run_dir, overwrite)
+    elif resume:
+        raise PyroVAEError("resume=True continues a run folder: give its run_dir")
+    distributed.barrier(world)  # every rank has checked before the folder is made
+    created = run_dir is not None and not run_dir.exists()
+    if run_dir is not None and world.is_main:
+        if resume:
+            for torn in run_dir.glob(".*.tmp"):  # an atomic write a crash interrupted
+                torn.unlink()
+            atomic_write(run_dir / "metrics.jsonl", "".join(_lines(metrics)).encode())
+        else:
+            prepare_run_dir(run_dir, overwrite)
+        atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
+    distributed.barrier(world)
+    if world.is_main:
+        where = f"{data.device}, {world.size} processes" if world.distributed else data.device
+        log.info(
+            "training %s on %s (%d images, %s) -> %s",
+            config.model.kind,
+            config.data.dataset,
+            data.num_train,
+            where,
+            run_dir or "memory",
+        )
+    try:
+        summary, metrics = run(
+            model,
+            data,
+            config,
+            run_dir,
+            checkpoint=checkpoint,
+            metrics=metrics,
+            world=world,
+            progress=progress,
+        )
+    except BaseException:
+        if run_dir is not None and not resume and world.is_main:
+            if not (run_dir / CHECKPOINT_FILE).exists():
+                discard_run_dir(run_dir, remove_folder=created)
+        raise
+    return FitResult(model.eval(), metrics, summary)
+
+
+def _resumed(run_dir: Path, config: Config, device: torch.device) -> dict | None:
+    """The checkpoint a resumed run continues from (None: it had none yet), checked to be
+    of the same settings, but for ``epochs``."""
+    from ..config import to_dict
+    from ..errors import PyroVAEError
+    from .runs import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise PyroVAEError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return None
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location=device)
+    if _without_epochs(checkpoint["config"]) != _without_epochs(to_dict(config)):
+        raise PyroVAEError(
+            f"the checkpoint in {run_dir} is from another config than its {CONFIG_FILE}"
+        )
+    if config.train.epochs < checkpoint["epoch"]:
+        raise PyroVAEError(
+            f"--epochs {config.train.epochs} is fewer than the {checkpoint['epoch']} "
+            f"already trained"
+        )
+    return checkpoint
+
+
+def _without_epochs(tree: dict) -> dict:
+    return {**tree, "train": {k: v for k, v in tree["train"].items() if k != "epochs"}}
+
+
+def _apply_settings(config: Config, settings: dict[str, Any]) -> None:
+    """``epochs=5`` and friends onto the config's ``train``, ``inference`` and ``data``."""
+    from ..config import from_dict
+    from ..errors import PyroVAEError
+
+    sections = {"train": config.train, "inference": config.inference, "data": config.data}
+    tree: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        owners = [name for name, section in sections.items() if hasattr(section, key)]
+        if not owners:
+            valid = sorted(f.name for s in sections.values() for f in dataclasses.fields(s))
+            raise PyroVAEError(f"fit() has no setting {key!r}; valid: {', '.join(valid)}")
+        tree.setdefault(owners[0], {})[key] = value
+    updated = from_dict(tree, config)
+    config.train, config.inference, config.data = updated.train, updated.inference, updated.data
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _lines(metrics: list[dict[str, Any]]) -> Iterator[str]:
+    return (json.dumps(m) + "\n" for m in metrics)

@@ -8,7 +8,6 @@ pictures.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,11 +19,10 @@ import pyro
 import torch
 from pyro.infer import ELBO, SVI
 
-from ..config import Config, dumps, to_dict, validate
+from ..config import Config, validate
 from ..config import load as load_config
 from ..data import ImageBatches, load_dataset
 from ..errors import PyroVAEError
-from ..evaluation import evaluate
 from ..inference.elbos import estimators
 from ..inference.optim import Adam
 from ..models import VAE
@@ -32,16 +30,8 @@ from . import distributed, loop
 from .devices import resolve_device
 from .memory import check_model_fits, limited_to_free_memory, too_large
 from .runs import (
-    CHECKPOINT_FILE,
     CONFIG_FILE,
-    METRICS_FILE,
-    atomic_write,
     build_model,
-    check_run_dir,
-    discard_run_dir,
-    load_checkpoint,
-    prepare_run_dir,
-    read_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -72,10 +62,6 @@ def _setup(config: Config) -> _Setup:
         if config.model.kind != "vae":
             raise PyroVAEError(f"--model {config.model.kind} runs in one process, not torchrun")
     dataset = load_dataset(d.dataset, d.data_dir)
-    if config.model.kind != "vae":
-        from . import semi
-
-        semi.split_for(config, dataset)  # refuse an impossible split before the run folder
     data = ImageBatches(dataset, d.binarize, device, seed=(t.seed + world.rank) % 2**32)
     pyro.set_rng_seed(t.seed)
     m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
@@ -89,18 +75,6 @@ def _setup(config: Config) -> _Setup:
         with limited_to_free_memory():
             model = build()
         model = model.to(device)
-    for images in data.all_images():
-        try:
-            model.likelihood.check_support(model.features(images) if m1 else images)
-        except PyroVAEError as e:
-            if not m1:
-                raise
-            raise PyroVAEError(
-                f"M1+M2 models the M1 run's latent means, which are real numbers: {e}; "
-                f"use --likelihood gaussian"
-            ) from None
-    if config.model.kind == "vae":
-        evaluate.check_log_likelihood_time(model, data.test_images, config.inference.iw_samples)
     if world.distributed:  # the same initial model everywhere, different noise per rank
         pyro.set_rng_seed((t.seed + world.rank) % 2**32)
     return _Setup(device, world, data, model)
@@ -128,7 +102,8 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the model that ``config`` describes, writing a run directory to ``out``.
+    """Train the model that ``config`` describes on its dataset, writing a run folder to
+    ``out``: the CLI's ``pyro-vae train``, built on :func:`pyro_vae.fit`.
 
     Returns the summary (also written to ``summary.json``). A run that fails before its
     first checkpoint (a loss that is NaN at the first steps, Ctrl-C, memory) leaves no
@@ -136,23 +111,18 @@ def train(
     """
     validate(config)
     setup = _setup(config)
-    world = setup.world
-    run_dir = Path(out or default_run_dir(config))
-    check_run_dir(run_dir, overwrite)  # every rank, so that a refusal stops them all
-    distributed.barrier(world)
-    created = not run_dir.exists()
-    if world.is_main:
-        prepare_run_dir(run_dir, overwrite)
-        atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
-    distributed.barrier(world)
     try:
-        return _fit(config, run_dir, setup, progress=progress)
-    except BaseException:
-        if world.is_main and not (run_dir / CHECKPOINT_FILE).exists():
-            discard_run_dir(run_dir, remove_folder=created)
-        raise
+        return loop.fit(
+            setup.vae,
+            setup.data,
+            config=config,
+            run_dir=out or default_run_dir(config),
+            overwrite=overwrite,
+            progress=progress,
+            world=setup.world,
+        ).summary
     finally:
-        distributed.finish(world)
+        distributed.finish(setup.world)
 
 
 def resume(
@@ -161,7 +131,7 @@ def resume(
     epochs: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Continue a run from its last checkpoint (from the start if it has none yet).
+    """Continue a run of ``train`` from its last checkpoint (from the start if it has none).
 
     Model, optimizer, estimator and RNG states come back as they were, so on CPU
     the run ends with the same parameters as one never interrupted. ``epochs``
@@ -173,30 +143,13 @@ def resume(
     if not (run_dir / CONFIG_FILE).is_file():
         raise PyroVAEError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
     config = load_config(run_dir / CONFIG_FILE)
-    checkpoint = None
-    if (run_dir / CHECKPOINT_FILE).exists():
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
-        if _without_epochs(checkpoint["config"]) != _without_epochs(to_dict(config)):
-            raise PyroVAEError(
-                f"the checkpoint in {run_dir} is from another config than its {CONFIG_FILE}"
-            )
     if epochs is not None:
-        done = checkpoint["epoch"] if checkpoint else 0
-        if epochs < done:
-            raise PyroVAEError(f"--epochs {epochs} is fewer than the {done} already trained")
         config.train.epochs = epochs
     validate(config)
     setup = _setup(config)
-    for torn in run_dir.glob(".*.tmp"):  # an atomic write a crash interrupted
-        torn.unlink()
-    atomic_write(run_dir / CONFIG_FILE, dumps(config).encode())
-    done = checkpoint["epoch"] if checkpoint else 0
-    metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= done]
-    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics).encode())
-    if checkpoint:
-        setup.vae.load_state_dict(checkpoint["model"])
-        log.info("resuming %s after epoch %d", run_dir, done)
-    return _fit(config, run_dir, setup, checkpoint=checkpoint, metrics=metrics, progress=progress)
+    return loop.fit(
+        setup.vae, setup.data, config=config, run_dir=run_dir, resume=True, progress=progress
+    ).summary
 
 
 def _without_epochs(tree: dict) -> dict:
@@ -215,40 +168,6 @@ def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
         config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
     )
     return SVI(vae.model, vae.guide, optimizer, loss=elbo), optimizer, elbo
-
-
-def _fit(
-    config: Config,
-    run_dir: Path,
-    setup: _Setup,
-    *,
-    checkpoint: dict | None = None,
-    metrics: list[dict[str, Any]] | None = None,
-    progress: bool,
-) -> dict[str, Any]:
-    """The one loop of ``pyro_vae.fit``, writing ``run_dir``."""
-    world, data = setup.world, setup.data
-    if world.is_main:
-        where = f"{setup.device}, {world.size} processes" if world.distributed else setup.device
-        log.info(
-            "training %s on %s (%d images, %s) -> %s",
-            config.model.kind,
-            config.data.dataset,
-            data.num_train,
-            where,
-            run_dir,
-        )
-    summary, _ = loop.run(
-        setup.vae,
-        data,
-        config,
-        run_dir,
-        checkpoint=checkpoint,
-        metrics=metrics,
-        world=world,
-        progress=progress,
-    )
-    return summary
 
 
 def summary_line(summary: dict[str, Any]) -> str:
