@@ -87,6 +87,7 @@ TRAIN_FLAGS = {
     "likelihood": ("model", "likelihood"),
     "guide": ("model", "guide"),
     "plugin": ("model", "plugins"),
+    "data_plugin": ("data", "plugins"),
     "elbo": ("inference", "elbo"),
     "particles": ("inference", "num_particles"),
     "iw_samples": ("inference", "iw_samples"),
@@ -113,6 +114,12 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=f"{{dataset}} (default: {d('data', 'dataset')})")
     g.add_argument("--data-dir", help="folder with the data (default: $PYRO_VAE_DATA or cache)")
+    g.add_argument(
+        "--data-plugin",
+        action="append",
+        metavar="MODULE",
+        help="import a module or .py file that registers datasets (repeatable)",
+    )
     g.add_argument("--binarize", help=f"dynamic, static or none (default: {d('data', 'binarize')})")
     g = p.add_argument_group("model")
     g.add_argument(

@@ -36,6 +36,7 @@ class DataConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     binarize: str = "dynamic"
+    plugins: list[str] = field(default_factory=list)  # modules or .py files registering datasets
 
 
 MODEL_KINDS = ("vae", "m2", "m1m2")
@@ -192,6 +193,7 @@ def load(path: str | Path) -> Config:
 def resolve_paths(config: Config, base: Path) -> Config:
     """Make the config's relative paths (plugin files, the M1 run) absolute, from ``base``."""
     config.model.plugins = resolve_plugin_paths(config.model.plugins, base)
+    config.data.plugins = resolve_plugin_paths(config.data.plugins, base)
     if config.semi.m1_run:
         config.semi.m1_run = str((base / config.semi.m1_run).resolve())
     return config
@@ -270,6 +272,7 @@ def validate(config: Config) -> Config:
     from .data import datasets
 
     d, m, s = config.data, config.model, config.semi
+    import_plugins(d.plugins)
     import_plugins(m.plugins)
     if m.kind not in MODEL_KINDS:
         raise PyroVAEError(f"unknown model {m.kind!r}; choose from: {', '.join(MODEL_KINDS)}")

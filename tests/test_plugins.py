@@ -83,3 +83,19 @@ def test_a_run_finds_a_moved_plugin_with_plugin(tmp_path):
     found = run_cli("evaluate", str(run), "--plugin", str(moved))
     assert found.returncode == 0, found.stderr
     assert load_run(run, plugins=[str(moved)]).prior.__class__.__name__ == "LaplacePrior"
+
+
+def test_a_dataset_plugin_trains_and_evaluates_from_the_cli(tmp_path):
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "noise" in s]
+    plugin = tmp_path / "my_data.py"
+    plugin.write_text(snippet.replace('"noise"', '"noise-cli"'))
+    run = tmp_path / "run"
+    args = ["train", "--data-plugin", str(plugin), "--dataset", "noise-cli", "--epochs", "1"]
+    assert main([*args, "--binarize", "none", "--hidden", "8", "--quiet", "--out", str(run)]) == 0
+    config = load(run / "config.toml")
+    assert config.data.plugins == [str(plugin)] and config.model.plugins == []
+    found = run_cli("evaluate", str(run))  # a new process imports the data plugin again
+    assert found.returncode == 0, found.stderr

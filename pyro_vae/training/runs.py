@@ -222,6 +222,7 @@ def checkpoint_payload(
 
 def _import_run_plugins(config: Config, given: bool) -> None:
     try:
+        import_plugins(config.data.plugins)
         import_plugins(config.model.plugins)
     except PyroVAEError as e:
         if given:
