@@ -41,8 +41,8 @@ from torch import nn
 from pyro_vae import Config, ImageBatches, load_dataset
 from pyro_vae.components.nets import mlp
 from pyro_vae.inference.divergence import Guard
+from pyro_vae.models.kinds import build_vae
 from pyro_vae.training.devices import resolve_device
-from pyro_vae.training.runs import build_vae
 from pyro_vae.training.train import make_svi
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "numpyro_vae.py"

@@ -26,6 +26,7 @@ PROG = "pyro-vae"
 
 _REGISTRIES = {
     "dataset": ("data", "datasets"),
+    "model": ("models.kinds", "model_kinds"),
     "architecture": ("components.nets", "architectures"),
     "prior": ("components.priors", "priors"),
     "likelihood": ("components.likelihoods", "likelihoods"),
@@ -124,7 +125,7 @@ def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        help=f"vae; m2 or m1m2: semi-supervised (Kingma et al. 2014), see below "
+        help=f"{{model}}; m2 and m1m2 are semi-supervised (Kingma et al. 2014), see below "
         f"(default: {d('model', 'kind')})",
     )
     g.add_argument("--arch", help=f"{{architecture}} (default: {d('model', 'arch')})")

@@ -39,14 +39,9 @@ class DataConfig:
     plugins: list[str] = field(default_factory=list)  # modules or .py files registering datasets
 
 
-MODEL_KINDS = ("vae", "m2", "m1m2")
-SEMI_ESTIMATORS = ("trace", "jit-trace")
-"""Estimators that run M2: Pyro's TraceEnum_ELBO and its jitted form, which sum over y."""
-
-
 @dataclass
 class ModelConfig:
-    kind: str = "vae"  # vae; m2 or m1m2 (semi-supervised, Kingma et al. 2014)
+    kind: str = "vae"  # a registered model kind (pyro_vae.models.model_kinds): vae, m2, m1m2
     arch: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [400])
     latent_dim: int = 50
@@ -78,7 +73,7 @@ class TrainConfig:
 
 @dataclass
 class SemiConfig:
-    """Semi-supervised training (``model.kind`` m2 or m1m2); ignored by a VAE."""
+    """The section of the semi-supervised kinds (m2, m1m2); ignored by the others."""
 
     labeled: int = 100  # class-balanced labelled images, drawn with the seed
     aux_weight: float = 50.0  # alpha of the auxiliary alpha * log q(y|x) term
@@ -214,9 +209,16 @@ def dumps(config: Config) -> str:
         name: {k: v for k, v in values.items() if v is not None}
         for name, values in to_dict(config).items()
     }
-    if config.model.kind == "vae" and config.semi == SemiConfig():
+    if config.semi == SemiConfig() and _section_of(config.model.kind) != "semi":
         del tree["semi"]
     return tomli_w.dumps(tree)
+
+
+def _section_of(kind: str) -> str | None:
+    """The config section a model kind reads besides ``[model]`` (None if none or unknown)."""
+    from .models.kinds import model_kinds
+
+    return model_kinds[kind].section if kind in model_kinds else None
 
 
 def _parse_text(where: str, kind: Any, text: str) -> Any:
@@ -270,12 +272,12 @@ def validate(config: Config) -> Config:
     from .components.nets import architectures
     from .components.priors import priors
     from .data import datasets
+    from .models import kinds
 
     d, m, s = config.data, config.model, config.semi
     import_plugins(d.plugins)
     import_plugins(m.plugins)
-    if m.kind not in MODEL_KINDS:
-        raise PyroVAEError(f"unknown model {m.kind!r}; choose from: {', '.join(MODEL_KINDS)}")
+    kinds.model_kinds.parse(m.kind)
     if d.dataset not in datasets:
         raise PyroVAEError(f"unknown dataset {d.dataset!r}; choose from: {datasets.choices()}")
     _check(
@@ -293,8 +295,7 @@ def validate(config: Config) -> Config:
         (guides, m.guide),
     ):
         registry.parse(spec)
-    if m.kind != "vae":
-        _validate_semi(config)
+    kinds.validate(config)
     return config
 
 
@@ -329,18 +330,3 @@ def _check(*checks: tuple[bool, str]) -> None:
     for ok, message in checks:
         if not ok:
             raise PyroVAEError(message)
-
-
-def _validate_semi(config: Config) -> None:
-    m, i = config.model, config.inference
-    if i.elbo not in SEMI_ESTIMATORS:
-        raise PyroVAEError(
-            f"--elbo {i.elbo} does not run {m.kind}: its unlabelled images sum over y by "
-            f"enumeration, which {', '.join(SEMI_ESTIMATORS)} (TraceEnum_ELBO) do"
-        )
-    if m.arch != "mlp":
-        raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
-    if m.kind == "m1m2" and not config.semi.m1_run:
-        raise PyroVAEError("--model m1m2 needs --m1-run RUN_DIR, a VAE run trained on the data")
-    if m.kind == "m2" and config.semi.m1_run:
-        raise PyroVAEError("--m1-run is for --model m1m2; M2 models the images themselves")

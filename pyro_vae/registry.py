@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +92,23 @@ class Arg:
 
 @dataclass(frozen=True)
 class Entry:
+    """One registered component: its factory, spec arguments, and capabilities.
+
+    The capabilities are the registry's declared attributes (``has_bound`` of an
+    estimator, ``needs_enumeration`` of a model kind, ...), read as ``entry.has_bound``.
+    """
+
     name: str
     factory: Callable[..., Any]
     args: tuple[Arg, ...]
     summary: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        attributes = self.__dict__.get("attributes", {})
+        if name in attributes:
+            return attributes[name]
+        raise AttributeError(f"{type(self).__name__} {self.name!r} has no attribute {name!r}")
 
     @property
     def usage(self) -> str:
@@ -117,18 +130,26 @@ class Registry:
     component and returned unchanged.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, **attributes: Any):
         self.kind = kind
+        self.attributes = attributes  # the capabilities an entry declares, with defaults
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *args: Arg) -> Callable:
-        """Decorator: make ``factory`` selectable as ``name[:arg...]``."""
+    def register(self, name: str, *args: Arg, **attributes: Any) -> Callable:
+        """Decorator: make ``factory`` selectable as ``name[:arg...]``, with its capabilities
+        (keywords among the registry's declared attributes)."""
         if not name or ":" in name or name != name.strip():
             raise ValueError(f"bad {self.kind} name {name!r}")
+        unknown = set(attributes) - set(self.attributes)
+        if unknown:
+            known = ", ".join(self.attributes) or "none"
+            raise ValueError(f"{self.kind} attributes {sorted(unknown)} unknown; known: {known}")
 
         def decorate(factory: Callable) -> Callable:
             doc = (factory.__doc__ or "").strip().splitlines()
-            self._entries[name] = Entry(name, factory, tuple(args), doc[0] if doc else "")
+            self._entries[name] = Entry(
+                name, factory, tuple(args), doc[0] if doc else "", {**self.attributes, **attributes}
+            )
             return factory
 
         return decorate
@@ -145,6 +166,10 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def __getitem__(self, name: str) -> Entry:
+        """The entry registered as ``name`` (KeyError if none)."""
+        return self._entries[name]
 
     def parse(self, spec: str) -> tuple[Entry, dict[str, Any]]:
         """Split and convert ``spec``; raise :class:`PyroVAEError` naming the valid choices."""

@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_keeps_learned_priors_flows_and_scales(
         model={"prior": prior, "guide": guide, "likelihood": likelihood, "arch": arch}
     )
     pyro.set_rng_seed(0)
-    from pyro_vae.training.runs import build_vae
+    from pyro_vae.models.kinds import build_vae
 
     vae = build_vae(config, (8, 8))
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), loss=Trace_ELBO())

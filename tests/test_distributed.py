@@ -57,7 +57,7 @@ def test_estimators_without_a_differentiable_loss_are_refused_under_torchrun(mon
         train(small_config(inference={"elbo": "iwae:5"}), "unused")
 
 
-@pytest.mark.parametrize("spec", list(distributed.SUPPORTED[:3]) + ["dreg:3"])
+@pytest.mark.parametrize("spec", ["trace", "meanfield", "jit-trace", "dreg:3"])
 def test_a_minibatch_of_the_dataset_scales_the_loss_to_the_dataset(spec):
     """Under torchrun the plate has the dataset's size: loss(x, size=N) = N/B loss(x)."""
     data = ImageBatches(load_dataset("digits"), "static")

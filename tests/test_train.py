@@ -10,7 +10,8 @@ from pyro.optim import Adam
 
 from pyro_vae import ImageBatches, PyroVAEError, load_config, load_dataset, load_run, train
 from pyro_vae.evaluation.evaluate import elbo
-from pyro_vae.training.runs import build_vae, load_checkpoint, read_metrics, save_checkpoint
+from pyro_vae.models.kinds import build_vae
+from pyro_vae.training.runs import load_checkpoint, read_metrics, save_checkpoint
 
 from .helpers import small_config
 

@@ -118,7 +118,9 @@ def compare(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Train one run per estimator in ``specs`` under ``out`` and write compare.csv/.md/.png."""
-    if config.model.kind != "vae":
+    from ..models import model_kinds
+
+    if model_kinds.parse(config.model.kind)[0].needs_enumeration:
         raise PyroVAEError(
             f"compare trains VAEs; --model {config.model.kind} trains with TraceEnum_ELBO alone"
         )

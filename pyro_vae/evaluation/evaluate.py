@@ -238,18 +238,7 @@ def evaluate_run(
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
     data = ImageBatches(dataset, config.data.binarize, device)
     start = time.perf_counter()
-    if config.model.kind == "vae":
-        test = data.test_images
-        result = {
-            "test_elbo": test_elbo(vae, test, seed),
-            "log_px": test_log_likelihood(vae, test, k, seed, progress=progress),
-            "iw_samples": k,
-            "continuous": getattr(vae.likelihood, "continuous", False),
-        }
-    else:
-        from ..training import semi
-
-        result = semi.evaluate(vae, data, seed)
+    result = vae.evaluate(data, k, seed, progress)
     result["seed"] = seed
     result["eval_seconds"] = time.perf_counter() - start
     summary_path = Path(run_dir) / SUMMARY_FILE

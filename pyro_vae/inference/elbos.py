@@ -35,7 +35,11 @@ from torch import nn
 from ..errors import PyroVAEError
 from ..registry import Arg, Registry, nonnegative_float
 
-estimators = Registry("estimator")
+estimators = Registry("estimator", has_bound=True, works_under_ddp=False, enumerates=False)
+"""Estimators by spec. Each entry says whether its loss is a bound (``has_bound``: held-out
+numbers and the divergence check read it), whether DDP can differentiate its loss
+(``works_under_ddp``), and whether it has an enumerating form for models that sum a
+discrete latent out (``enumerates``: Pyro's TraceEnum_ELBO)."""
 
 # Our models and guides use exactly one plate (the batch); saying so spares
 # Pyro a trial run of the model to discover it.
@@ -46,25 +50,25 @@ def _particles(n: int) -> dict:
     return {"num_particles": n, "vectorize_particles": n > 1, "max_plate_nesting": _PLATES}
 
 
-@estimators.register("trace")
+@estimators.register("trace", works_under_ddp=True, enumerates=True)
 def trace(num_particles: int = 1) -> ELBO:
     """Trace_ELBO: E_q[log p(x,z) - log q(z|x)] by reparameterized Monte Carlo."""
     return Trace_ELBO(**_particles(num_particles))
 
 
-@estimators.register("meanfield")
+@estimators.register("meanfield", works_under_ddp=True)
 def meanfield(num_particles: int = 1) -> ELBO:
     """TraceMeanField_ELBO: analytic KL(q || p) where registered, Monte Carlo otherwise."""
     return TraceMeanField_ELBO(**_particles(num_particles))
 
 
-@estimators.register("jit-trace")
+@estimators.register("jit-trace", works_under_ddp=True, enumerates=True)
 def jit_trace(num_particles: int = 1) -> ELBO:
     """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (traced on the first call)."""
     return JitTrace_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
-@estimators.register("jit-meanfield")
+@estimators.register("jit-meanfield", works_under_ddp=True)
 def jit_meanfield(num_particles: int = 1) -> ELBO:
     """JitTraceMeanField_ELBO: TraceMeanField_ELBO compiled with the PyTorch JIT."""
     return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
@@ -96,7 +100,7 @@ def _tail_particles(text: str) -> int:
     return k
 
 
-@estimators.register("tail", Arg("K", _tail_particles))
+@estimators.register("tail", Arg("K", _tail_particles), has_bound=False)
 def tail(K: int) -> ELBO:
     """TraceTailAdaptive_ELBO with K samples (Wang et al. 2018). Its loss is a surrogate,
     not a bound; gradients only."""
@@ -326,7 +330,7 @@ class DReG_ELBO(ELBO):
         return loss.item()
 
 
-@estimators.register("dreg", Arg("K"))
+@estimators.register("dreg", Arg("K"), works_under_ddp=True)
 def dreg(K: int) -> ELBO:
     """IWAE bound with doubly-reparameterized gradients (Tucker et al. 2019)."""
     return DReG_ELBO(K)
@@ -334,7 +338,7 @@ def dreg(K: int) -> ELBO:
 
 def has_bound(spec: str) -> bool:
     """Whether the estimator's loss is a bound (``tail``'s is not: it reports inf)."""
-    return estimators.parse(spec)[0].name != "tail"
+    return estimators.parse(spec)[0].has_bound
 
 
 def bound_estimator(spec: str, data_dim: int) -> ELBO | None:

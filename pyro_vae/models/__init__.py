@@ -1,7 +1,8 @@
 """Pyro programs built from the components: the VAE and the semi-supervised M2 and M1+M2."""
 
 from .base import PyroProgram
+from .kinds import build, model_kinds, prepare, register
 from .ssvae import M1M2, SSVAE
 from .vae import VAE
 
-__all__ = ["M1M2", "PyroProgram", "SSVAE", "VAE"]
+__all__ = ["M1M2", "PyroProgram", "SSVAE", "VAE", "build", "model_kinds", "prepare", "register"]

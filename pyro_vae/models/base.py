@@ -161,6 +161,22 @@ class PyroProgram(nn.Module):
             "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),
         }
 
+    def checkpoint_extras(self) -> dict:
+        """What a checkpoint keeps beside the weights to rebuild this model: nothing."""
+        return {}
+
+    def evaluate(self, data, iw_samples: int, seed: int, progress: bool = False) -> dict:
+        """Held-out numbers of a trained model (``pyro-vae evaluate``), draws seeded."""
+        from ..evaluation import evaluate
+
+        test = data.test_images
+        return {
+            "test_elbo": evaluate.test_elbo(self, test, seed),
+            "log_px": evaluate.test_log_likelihood(self, test, iw_samples, seed, progress=progress),
+            "iw_samples": iw_samples,
+            "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),
+        }
+
     def save_pictures(self, data, run_dir, metrics: list) -> None:
         """reconstructions.png (test images above their reconstructions), samples.png, elbo.png."""
         from ..evaluation import plots

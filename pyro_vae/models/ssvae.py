@@ -243,6 +243,15 @@ class SSVAE(PyroProgram):
 
         semi.save_pictures(self, data, run_dir, metrics)
 
+    def checkpoint_extras(self) -> dict:
+        return {"num_classes": self.num_classes}
+
+    def evaluate(self, data, iw_samples: int, seed: int, progress: bool = False) -> dict:
+        """Test accuracy and the test ELBO with y summed out (no log p(x))."""
+        from ..training import semi
+
+        return semi.evaluate(self, data, seed)
+
 
 class M1M2(SSVAE):
     """Kingma et al.'s stacked model: M2 over the latent means of a trained VAE, M1.
@@ -274,6 +283,13 @@ class M1M2(SSVAE):
     @torch.no_grad()
     def image(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.m1.likelihood(self.m1.decoder(decoded)).mean
+
+    def checkpoint_extras(self) -> dict:
+        """M1's config and image shape: its weights are in the state dict already."""
+        from ..config import to_dict
+
+        m1 = {"config": to_dict(self.m1.config), "image_shape": list(self.m1.image_shape)}
+        return {**super().checkpoint_extras(), "m1": m1}
 
     def check_data(self, data, config) -> None:
         try:

@@ -84,17 +84,17 @@ class Program(nn.Module):
         return getattr(self.vae, self.which)(*args, **kwargs)
 
 
-SUPPORTED = ("trace", "meanfield", "jit-trace", "jit-meanfield", "dreg")
-"""Estimators with a differentiable loss that DDP can differentiate (Pyro's RenyiELBO,
-TraceGraph_ELBO and TraceTailAdaptive_ELBO only produce gradients in place)."""
-
-
 def check_supported(spec: str) -> None:
-    name = spec.split(":")[0]
-    if name not in SUPPORTED:
+    """Refuse an estimator without a loss DDP can differentiate (its registry entry's
+    ``works_under_ddp``: Pyro's RenyiELBO, TraceGraph_ELBO and TraceTailAdaptive_ELBO
+    only produce gradients in place)."""
+    from ..inference.elbos import estimators
+
+    if not estimators.parse(spec)[0].works_under_ddp:
+        usable = ", ".join(e.name for e in estimators.entries() if e.works_under_ddp)
         raise PyroVAEError(
             f"estimator {spec!r} cannot run under torchrun (it has no differentiable loss "
-            f"for DistributedDataParallel); choose from: {', '.join(SUPPORTED)}"
+            f"for DistributedDataParallel); choose from: {usable}"
         )
 
 

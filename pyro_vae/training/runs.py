@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from .. import config as config_lib
+from .. import models
 from ..config import Config
 from ..errors import PyroVAEError
-from ..models import M1M2, SSVAE, VAE
 from ..registry import import_plugins
 
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
@@ -210,14 +210,7 @@ def checkpoint_payload(
         "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
         "rng": rng_state(data),
     }
-    if isinstance(model, SSVAE):
-        payload["num_classes"] = model.num_classes
-    if isinstance(model, M1M2):
-        payload["m1"] = {
-            "config": config_lib.to_dict(model.m1.config),
-            "image_shape": list(model.m1.image_shape),
-        }
-    return payload
+    return {**payload, **model.checkpoint_extras()}
 
 
 def _import_run_plugins(config: Config, given: bool) -> None:
@@ -230,46 +223,6 @@ def _import_run_plugins(config: Config, given: bool) -> None:
         raise PyroVAEError(
             f"{e}; if the plugin has moved, give its new place with --plugin FILE"
         ) from None
-
-
-def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
-    """The VAE a config describes, for images of ``image_shape``."""
-    m = config.model
-    import_plugins(m.plugins)
-    return VAE(
-        image_shape,
-        latent_dim=m.latent_dim,
-        hidden=m.hidden,
-        prior=m.prior,
-        likelihood=m.likelihood,
-        guide=m.guide,
-        arch=m.arch,
-    )
-
-
-def build_model(
-    config: Config, image_shape: tuple[int, ...], num_classes: int = 10, m1: VAE | None = None
-):
-    """The model a config describes: a VAE, or M2 (``num_classes`` values of y), or M1+M2
-    on top of the VAE ``m1``."""
-    m = config.model
-    if m.kind == "vae":
-        return build_vae(config, image_shape)
-    import_plugins(m.plugins)
-    options = dict(
-        latent_dim=m.latent_dim,
-        hidden=m.hidden,
-        prior=m.prior,
-        likelihood=m.likelihood,
-        guide=m.guide,
-        aux_weight=config.semi.aux_weight,
-        labeled=config.semi.labeled,
-        validation=config.semi.validation,
-        num_classes=num_classes,
-    )
-    if m.kind == "m2":
-        return SSVAE(image_shape, **options)
-    return M1M2(m1, **options)
 
 
 def load_run(
@@ -286,15 +239,8 @@ def load_run(
     if plugins is not None:
         config.model.plugins = config_lib.resolve_plugin_paths(plugins, Path.cwd())
     _import_run_plugins(config, plugins is not None)
-    m1 = None
-    if config.model.kind == "m1m2":
-        m1_config = config_lib.from_dict(checkpoint["m1"]["config"])
-        if plugins is not None:
-            m1_config.model.plugins = config.model.plugins
-        m1 = build_vae(m1_config, tuple(checkpoint["m1"]["image_shape"]))
-        m1.config = m1_config
     num_classes = checkpoint.get("num_classes", 10)
-    model = build_model(config, tuple(checkpoint["image_shape"]), num_classes, m1)
+    model = models.build(config, tuple(checkpoint["image_shape"]), num_classes, checkpoint)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

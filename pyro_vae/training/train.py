@@ -19,6 +19,7 @@ import pyro
 import torch
 from pyro.infer import ELBO, SVI
 
+from .. import models
 from ..config import Config, validate
 from ..config import load as load_config
 from ..data import ImageBatches, load_dataset
@@ -31,7 +32,6 @@ from .devices import resolve_device
 from .memory import check_model_fits, limited_to_free_memory, too_large
 from .runs import (
     CONFIG_FILE,
-    build_model,
 )
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class _Setup:
     device: torch.device
     world: distributed.World
     data: ImageBatches
-    vae: VAE  # or, for --model m2 / m1m2, the semi-supervised model
+    vae: Any  # the model config.model.kind builds: a VAE, M2, M1+M2
 
 
 def _setup(config: Config) -> _Setup:
@@ -59,15 +59,16 @@ def _setup(config: Config) -> _Setup:
         distributed.check_supported(config.inference.elbo)
         if t.seconds:
             raise PyroVAEError("--seconds is not supported under torchrun (ranks must agree)")
-        if config.model.kind != "vae":
+        if not models.model_kinds[config.model.kind].distributed:
             raise PyroVAEError(f"--model {config.model.kind} runs in one process, not torchrun")
     dataset = load_dataset(d.dataset, d.data_dir)
     data = ImageBatches(dataset, d.binarize, device, seed=(t.seed + world.rank) % 2**32)
     pyro.set_rng_seed(t.seed)
-    m1 = _load_m1(config, dataset.image_shape) if config.model.kind == "m1m2" else None
+
+    prepared = models.prepare(config, dataset.image_shape)  # M1+M2's M1, say
 
     def build():
-        return build_model(config, dataset.image_shape, dataset.num_classes, m1)
+        return models.build(config, dataset.image_shape, dataset.num_classes, prepared=prepared)
 
     what = f"the model (--latent-dim {config.model.latent_dim}, --hidden {config.model.hidden})"
     check_model_fits(build, device, what)
@@ -78,21 +79,6 @@ def _setup(config: Config) -> _Setup:
     if world.distributed:  # the same initial model everywhere, different noise per rank
         pyro.set_rng_seed((t.seed + world.rank) % 2**32)
     return _Setup(device, world, data, model)
-
-
-def _load_m1(config: Config, image_shape: tuple[int, ...]) -> VAE:
-    """The trained VAE an M1+M2 run stacks M2 on, checked against the run's data."""
-    from .runs import load_run
-
-    m1 = load_run(config.semi.m1_run)
-    if m1.config.model.kind != "vae":
-        raise PyroVAEError(f"--m1-run {config.semi.m1_run} is not a VAE run")
-    if m1.config.data.dataset != config.data.dataset or m1.image_shape != image_shape:
-        raise PyroVAEError(
-            f"--m1-run {config.semi.m1_run} was trained on {m1.config.data.dataset}, "
-            f"not on {config.data.dataset}"
-        )
-    return m1
 
 
 def train(
