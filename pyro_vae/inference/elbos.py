@@ -21,9 +21,11 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import (
     ELBO,
     JitTrace_ELBO,
+    JitTraceEnum_ELBO,
     JitTraceMeanField_ELBO,
     RenyiELBO,
     Trace_ELBO,
+    TraceEnum_ELBO,
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
     TraceTailAdaptive_ELBO,
@@ -35,11 +37,16 @@ from torch import nn
 from ..errors import PyroVAEError
 from ..registry import Arg, Registry, nonnegative_float
 
-estimators = Registry("estimator", has_bound=True, works_under_ddp=False, enumerates=False)
+estimators = Registry(
+    "estimator", has_bound=True, works_under_ddp=False, enumerated=None, bound_as=None
+)
 """Estimators by spec. Each entry says whether its loss is a bound (``has_bound``: held-out
 numbers and the divergence check read it), whether DDP can differentiate its loss
-(``works_under_ddp``), and whether it has an enumerating form for models that sum a
-discrete latent out (``enumerates``: Pyro's TraceEnum_ELBO)."""
+(``works_under_ddp``), its enumerating form for models that sum a discrete latent
+out (``enumerated``: a function of the number of particles that returns Pyro's
+TraceEnum_ELBO or its jitted twin; None where there is none), and which estimator
+evaluates its bound on held-out data (``bound_as``, a spec with its arguments in
+braces; None: itself)."""
 
 # Our models and guides use exactly one plate (the batch); saying so spares
 # Pyro a trial run of the model to discover it.
@@ -50,7 +57,19 @@ def _particles(n: int) -> dict:
     return {"num_particles": n, "vectorize_particles": n > 1, "max_plate_nesting": _PLATES}
 
 
-@estimators.register("trace", works_under_ddp=True, enumerates=True)
+def _enumerated(jit: bool) -> Callable[[int], ELBO]:
+    """TraceEnum_ELBO (or its jitted twin) with ``num_particles``, vectorized."""
+
+    def build(num_particles: int) -> ELBO:
+        options = {"num_particles": num_particles, "vectorize_particles": True}
+        if jit:  # as the other JIT estimators: shape tests in densities hold for any batch
+            return JitTraceEnum_ELBO(**options, max_plate_nesting=_PLATES, ignore_jit_warnings=True)
+        return TraceEnum_ELBO(**options, max_plate_nesting=_PLATES)
+
+    return build
+
+
+@estimators.register("trace", works_under_ddp=True, enumerated=_enumerated(jit=False))
 def trace(num_particles: int = 1) -> ELBO:
     """Trace_ELBO: E_q[log p(x,z) - log q(z|x)] by reparameterized Monte Carlo."""
     return Trace_ELBO(**_particles(num_particles))
@@ -62,13 +81,15 @@ def meanfield(num_particles: int = 1) -> ELBO:
     return TraceMeanField_ELBO(**_particles(num_particles))
 
 
-@estimators.register("jit-trace", works_under_ddp=True, enumerates=True)
+@estimators.register(
+    "jit-trace", works_under_ddp=True, enumerated=_enumerated(jit=True), bound_as="trace"
+)
 def jit_trace(num_particles: int = 1) -> ELBO:
     """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (traced on the first call)."""
     return JitTrace_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
-@estimators.register("jit-meanfield", works_under_ddp=True)
+@estimators.register("jit-meanfield", works_under_ddp=True, bound_as="meanfield")
 def jit_meanfield(num_particles: int = 1) -> ELBO:
     """JitTraceMeanField_ELBO: TraceMeanField_ELBO compiled with the PyTorch JIT."""
     return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
@@ -183,7 +204,7 @@ class ScoreFunctionELBO(TraceGraph_ELBO):
         return super().loss_and_grads(model, self._score_function_guide(guide), *args, **kwargs)
 
 
-@estimators.register("scorefn")
+@estimators.register("scorefn", bound_as="trace")
 def scorefn(data_dim: int, num_particles: int = 1) -> ELBO:
     """Score-function ELBO gradients with a learned baseline (TraceGraph_ELBO)."""
     return ScoreFunctionELBO(data_dim, num_particles=num_particles)
@@ -330,7 +351,7 @@ class DReG_ELBO(ELBO):
         return loss.item()
 
 
-@estimators.register("dreg", Arg("K"), works_under_ddp=True)
+@estimators.register("dreg", Arg("K"), works_under_ddp=True, bound_as="iwae:{K}")
 def dreg(K: int) -> ELBO:
     """IWAE bound with doubly-reparameterized gradients (Tucker et al. 2019)."""
     return DReG_ELBO(K)
@@ -347,12 +368,9 @@ def bound_estimator(spec: str, data_dim: int) -> ELBO | None:
     JIT variants evaluate as their plain twins (no recompiling per test batch), DReG
     as IWAE, the score-function estimator as the ELBO; ``tail`` has no bound (None).
     """
-    if not has_bound(spec):
-        return None
     entry, values = estimators.parse(spec)
-    name = entry.name.removeprefix("jit-")
-    if name == "dreg":
-        return iwae(values["K"])
-    if name == "scorefn":
-        return trace()
-    return estimators.build(":".join([name, *map(str, values.values())]), data_dim=data_dim)
+    if not entry.has_bound:
+        return None
+    return estimators.build(
+        entry.bound_as.format(**values) if entry.bound_as else spec, data_dim=data_dim
+    )

@@ -72,8 +72,8 @@ def validate(config: Config) -> None:
     from ..inference.elbos import estimators
 
     entry, _ = model_kinds.parse(config.model.kind)
-    if entry.needs_enumeration and not estimators.parse(config.inference.elbo)[0].enumerates:
-        usable = ", ".join(e.name for e in estimators.entries() if e.enumerates)
+    if entry.needs_enumeration and not estimators.parse(config.inference.elbo)[0].enumerated:
+        usable = ", ".join(e.name for e in estimators.entries() if e.enumerated)
         raise PyroVAEError(
             f"--elbo {config.inference.elbo} does not run {config.model.kind}: it sums "
             f"over y by enumeration, which {usable} (TraceEnum_ELBO) do"
@@ -108,11 +108,15 @@ def _validate_semi(config: Config) -> None:
     m = config.model
     if m.arch != "mlp":
         raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
-    if m.kind == "m2" and config.semi.m1_run:
+
+
+def _validate_m2(config: Config) -> None:
+    _validate_semi(config)
+    if config.semi.m1_run:
         raise PyroVAEError("--m1-run is for --model m1m2; M2 models the images themselves")
 
 
-@register("m2", section="semi", needs_enumeration=True, validate=_validate_semi)
+@register("m2", section="semi", needs_enumeration=True, validate=_validate_m2)
 def m2(config: Config, image_shape, num_classes: int, checkpoint, prepared) -> SSVAE:
     """Semi-supervised M2 (Kingma et al. 2014): y enumerated where unlabelled."""
     return SSVAE(image_shape, **_semi_options(config, num_classes))
@@ -129,7 +133,7 @@ def _trained_m1(config: Config, image_shape: tuple[int, ...]) -> VAE:
     from ..training.runs import load_run
 
     m1 = load_run(config.semi.m1_run)
-    if m1.config.model.kind != "vae":
+    if not isinstance(m1, VAE):
         raise PyroVAEError(f"--m1-run {config.semi.m1_run} is not a VAE run")
     if m1.config.data.dataset != config.data.dataset or m1.image_shape != image_shape:
         raise PyroVAEError(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pyro.infer import JitTraceEnum_ELBO, TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO
 
 from ..config import Config
 from ..data import Dataset, ImageBatches
@@ -95,13 +95,12 @@ def split_for(config: Config, dataset: Dataset) -> Split:
     )
 
 
-def estimator(name: str, num_particles: int):
-    """Pyro's enumerating ELBO for ``--elbo trace`` (or its jitted form for ``jit-trace``)."""
-    options = {"max_plate_nesting": 1, "num_particles": num_particles, "vectorize_particles": True}
-    if name == "jit-trace":
-        # As the VAE's JIT estimators: shape tests inside densities hold for any batch size.
-        return JitTraceEnum_ELBO(**options, ignore_jit_warnings=True)
-    return TraceEnum_ELBO(**options)
+def estimator(spec: str, num_particles: int):
+    """The enumerating form of estimator ``spec`` (``trace``: TraceEnum_ELBO, ``jit-trace``:
+    its jitted twin), which sums y out for unlabelled images."""
+    from ..inference.elbos import estimators
+
+    return estimators.parse(spec)[0].enumerated(num_particles)
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
