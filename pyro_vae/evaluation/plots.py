@@ -1,18 +1,19 @@
 """Pictures a person looks at: image grids and the ELBO curve.
 
-Figures are built as bare ``matplotlib.figure.Figure`` objects (no pyplot, no
-display, no global backend) and written atomically like every run file.
+Grids are torchvision's (``make_grid``, ``save_image``); curves are bare
+``matplotlib.figure.Figure`` objects (no pyplot, no display, no global backend).
+Every file is written atomically like every run file.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from torchvision.utils import make_grid, save_image
 
 from ..training.runs import atomic_write
 
@@ -31,22 +32,16 @@ def save_figure(fig: Figure, path: str | Path) -> None:
 def image_grid(
     images: torch.Tensor, image_shape: Sequence[int], path: str | Path, ncols: int = 10
 ) -> None:
-    """Save flattened [0, 1] images ``(N, D)`` as a grid PNG."""
-    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)
-    n = len(images)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
+    """Save flattened [0, 1] images ``(N, D)`` as a grid PNG (``torchvision.utils``), each
+    image enlarged by whole pixels to about ``TILE_PIXELS`` wide."""
     h, w = image_shape[-2:]
-    grid = torch.ones(nrows * (h + 1) + 1, ncols * (w + 1) + 1)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncols)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
-    inches_per_pixel = TILE_PIXELS / max(h, w) / DPI
-    fig = Figure(figsize=(grid.shape[1] * inches_per_pixel, grid.shape[0] * inches_per_pixel))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.axis("off")
-    save_figure(fig, path)
+    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+    grid = make_grid(images, nrow=min(ncols, len(images)), padding=1, pad_value=1.0)
+    scale = max(1, TILE_PIXELS // max(h, w))
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    atomic_write(path, buffer.getvalue())
 
 
 def elbo_curve(metrics: list[dict], path: str | Path) -> None:
