@@ -10,12 +10,14 @@ Pyro are imported when a command runs, not for ``--help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 
 from . import __version__
@@ -75,138 +77,63 @@ def _default(section: str, key: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-# flag -> (config section, key)
-TRAIN_FLAGS = {
-    "dataset": ("data", "dataset"),
-    "data_dir": ("data", "data_dir"),
-    "binarize": ("data", "binarize"),
-    "model": ("model", "kind"),
-    "arch": ("model", "arch"),
-    "hidden": ("model", "hidden"),
-    "latent_dim": ("model", "latent_dim"),
-    "prior": ("model", "prior"),
-    "likelihood": ("model", "likelihood"),
-    "guide": ("model", "guide"),
-    "plugin": ("model", "plugins"),
-    "data_plugin": ("data", "plugins"),
-    "elbo": ("inference", "elbo"),
-    "particles": ("inference", "num_particles"),
-    "iw_samples": ("inference", "iw_samples"),
-    "epochs": ("train", "epochs"),
-    "seconds": ("train", "seconds"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("train", "lr"),
-    "seed": ("train", "seed"),
-    "device": ("train", "device"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-    "clip_grad": ("train", "clip_grad"),
-    "validate": ("train", "validate"),
-    "labeled": ("semi", "labeled"),
-    "aux_weight": ("semi", "aux_weight"),
-    "validation": ("semi", "validation"),
-    "m1_run": ("semi", "m1_run"),
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "inference": "inference",
+    "train": "training",
+    "semi": "semi-supervised (--model m2 or m1m2)",
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str) -> None:
-    """The flags that set config fields, shared by train and compare."""
-    d = _default
+def _config_fields():
+    """(section, field, its type, its flag's name) for every config field with a flag."""
+    for section, cls in typing.get_type_hints(config_lib.Config).items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                kind = hints[f.name]
+                if type(None) in typing.get_args(kind):  # Optional[X]: X
+                    (kind,) = (a for a in typing.get_args(kind) if a is not type(None))
+                yield section, f, kind, f.metadata["flag"] or f.name.replace("_", "-")
+
+
+TRAIN_FLAGS = {
+    name.replace("-", "_"): (section, f.name) for section, f, _, name in _config_fields()
+}
+"""Each flag that sets a config field (its ``argparse`` dest) -> (section, key)."""
+
+
+def _add_config_flags(p: argparse.ArgumentParser, elbo_help: str | None = None) -> None:
+    """The flags that set config fields, generated from the config's field metadata (help
+    and default live there); shared by train and compare (``elbo_help``: compare's --elbo,
+    given once per estimator)."""
     p.add_argument("config", nargs="?", help="a TOML config (e.g. a run's config.toml)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"{{dataset}} (default: {d('data', 'dataset')})")
-    g.add_argument("--data-dir", help="folder with the data (default: $PYRO_VAE_DATA or cache)")
-    g.add_argument(
-        "--data-plugin",
-        action="append",
-        metavar="MODULE",
-        help="import a module or .py file that registers datasets (repeatable)",
-    )
-    g.add_argument("--binarize", help=f"dynamic, static or none (default: {d('data', 'binarize')})")
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        help=f"{{model}}; m2 and m1m2 are semi-supervised (Kingma et al. 2014), see below "
-        f"(default: {d('model', 'kind')})",
-    )
-    g.add_argument("--arch", help=f"{{architecture}} (default: {d('model', 'arch')})")
-    g.add_argument(
-        "--hidden",
-        type=_int_list,
-        help=f"hidden sizes, e.g. 400 or 400,200 (default: {d('model', 'hidden')})",
-    )
-    g.add_argument(
-        "--latent-dim", type=int, help=f"size of z (default: {d('model', 'latent_dim')})"
-    )
-    g.add_argument("--prior", help=f"{{prior}} (default: {d('model', 'prior')})")
-    g.add_argument("--likelihood", help=f"{{likelihood}} (default: {d('model', 'likelihood')})")
-    g.add_argument("--guide", help=f"{{guide}} (default: {d('model', 'guide')})")
-    g.add_argument(
-        "--plugin",
-        action="append",
-        metavar="MODULE",
-        help="import a module or .py file that registers components (repeatable)",
-    )
-    g = p.add_argument_group("inference")
-    g.add_argument("--elbo", action="append" if "repeat" in elbo_help else None, help=elbo_help)
-    g.add_argument(
-        "--particles",
-        type=int,
-        help=f"particles per ELBO estimate (default: {d('inference', 'num_particles')})",
-    )
-    g.add_argument(
-        "--iw-samples",
-        type=int,
-        help=f"K for the final log p(x) (default: {d('inference', 'iw_samples')})",
-    )
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--epochs", type=int, help=f"passes over the training set (default: {d('train', 'epochs')})"
-    )
-    g.add_argument("--seconds", type=float, help="stop after this much training time (s)")
-    g.add_argument(
-        "--batch-size", type=int, help=f"images per SVI step (default: {d('train', 'batch_size')})"
-    )
-    g.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d('train', 'lr')})")
-    g.add_argument("--seed", type=int, help=f"random seed (default: {d('train', 'seed')})")
-    g.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {d('train', 'device')})")
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help=f"epochs between checkpoints (default: {d('train', 'checkpoint_every')})",
-    )
-    g.add_argument(
-        "--clip-grad",
-        type=float,
-        help="clip the global norm of all gradients together at this value (default: no clipping)",
-    )
-    g.add_argument(
-        "--validate",
-        action="store_const",
-        const=True,
-        help="keep Pyro's runtime checks of distributions on while training (slower)",
-    )
-    g.add_argument(
+    groups = {section: p.add_argument_group(title) for section, title in GROUPS.items()}
+    for section, f, kind, name in _config_fields():
+        help_text, shown = f.metadata["help"], f.metadata["shown"]
+        default = _default(section, f.name)
+        if shown is None and default not in ("None", "none", "0", "False"):
+            shown = default
+        options: dict = {"help": help_text + (f" (default: {shown})" if shown else "")}
+        if kind is bool:
+            options.update(action="store_const", const=True)
+        elif kind == list[str]:
+            options.update(action="append", metavar="MODULE")
+        elif kind == list[int]:
+            options.update(type=_int_list)
+        else:
+            options.update(type=kind)
+        if (section, f.name) == ("inference", "elbo") and elbo_help:
+            options.update(action="append", help=elbo_help)
+        groups[section].add_argument(f"--{name}", **options)
+    groups["train"].add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override any config field, e.g. --set model.latent_dim=20",
     )
-    g = p.add_argument_group("semi-supervised (--model m2 or m1m2)")
-    g.add_argument(
-        "--labeled",
-        type=int,
-        help=f"class-balanced labelled images (default: {d('semi', 'labeled')})",
-    )
-    g.add_argument(
-        "--aux-weight",
-        type=float,
-        help=f"alpha of alpha*log q(y|x) (default: {d('semi', 'aux_weight')})",
-    )
-    g.add_argument(
-        "--validation", type=int, help="training images held out (default: 10000, 1/5 if fewer)"
-    )
-    g.add_argument("--m1-run", help="m1m2: a trained VAE run whose latent means M2 models")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
         "--quiet", action="store_true", help="print the final summary line only (no progress)"
@@ -219,7 +146,7 @@ def _add_train(subparsers) -> None:
         help="train a VAE and write a run directory",
         description="Train a VAE with SVI. Precedence: defaults < CONFIG.toml < flags < --set.",
     )
-    _add_config_flags(p, f"{{estimator}} (default: {_default('inference', 'elbo')})")
+    _add_config_flags(p)
     p.add_argument("--out", help="run directory (default: runs/DATASET-TIME)")
     p.add_argument(
         "--resume",

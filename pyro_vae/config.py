@@ -31,54 +31,84 @@ SNR_REPEATS = 100
 """Gradient draws per estimator for the gradient SNR of ``pyro-vae compare``."""
 
 
+def option(default: Any, help: str, flag: str | None = None, shown: str | None = None) -> Any:
+    """A config field with its command-line flag: the one place its default and help live.
+
+    ``help`` may name a registry in braces (``{prior}``), filled with its choices when
+    help is shown; ``flag`` is the flag's name when not the field's (``--particles``);
+    ``shown`` replaces the default in the help (None: the default itself, unless it is
+    None, empty or 0, which show nothing).
+    """
+    metadata = {"help": help, "flag": flag, "shown": shown}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    binarize: str = "dynamic"
-    plugins: list[str] = field(default_factory=list)  # modules or .py files registering datasets
+    dataset: str = option("digits", "{dataset}")
+    data_dir: str | None = option(
+        None, "folder with the data", shown="$PYRO_VAE_DATA or ~/.cache/pyro-vae"
+    )
+    binarize: str = option(
+        "dynamic", "dynamic (train resampled per batch, test fixed), static or none"
+    )
+    plugins: list[str] = option(
+        [], "import a module or .py file that registers datasets (repeatable)", "data-plugin"
+    )
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "vae"  # a registered model kind (pyro_vae.models.model_kinds): vae, m2, m1m2
-    arch: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [400])
-    latent_dim: int = 50
-    prior: str = "normal"
-    likelihood: str = "bernoulli"
-    guide: str = "normal"
-    plugins: list[str] = field(default_factory=list)
+    kind: str = option(
+        "vae", "{model}; m2 and m1m2 are semi-supervised (Kingma et al. 2014)", "model"
+    )
+    arch: str = option("mlp", "{architecture}")
+    hidden: list[int] = option([400], "hidden sizes, e.g. 400 or 400,200")
+    latent_dim: int = option(50, "size of z")
+    prior: str = option("normal", "{prior}")
+    likelihood: str = option("bernoulli", "{likelihood}")
+    guide: str = option("normal", "{guide}")
+    plugins: list[str] = option(
+        [], "import a module or .py file that registers components (repeatable)", "plugin"
+    )
 
 
 @dataclass
 class InferenceConfig:
-    elbo: str = "trace"
-    num_particles: int = 1
-    iw_samples: int = 100
+    elbo: str = option("trace", "{estimator}")
+    num_particles: int = option(1, "particles per ELBO estimate", "particles")
+    iw_samples: int = option(100, "K for the final importance-sampled log p(x)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "cpu"
-    seconds: float = 0.0  # stop after this much training time; 0: no limit
-    checkpoint_every: int = 1
-    clip_grad: float = 0.0  # clip the gradient norm at this value; 0: no clipping
-    validate: bool = False  # Pyro's runtime checks of distributions while training (slower)
+    epochs: int = option(10, "passes over the training set")
+    batch_size: int = option(128, "images per SVI step")
+    lr: float = option(1e-3, "Adam learning rate")
+    seed: int = option(0, "random seed", shown="0")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto")
+    seconds: float = option(0.0, "stop after this much training time (s)", shown="no limit")
+    checkpoint_every: int = option(1, "epochs between checkpoints")
+    clip_grad: float = option(
+        0.0, "clip the global norm of all gradients together at this value", shown="no clipping"
+    )
+    validate: bool = option(
+        False, "keep Pyro's runtime checks of distributions on while training (slower)"
+    )
 
 
 @dataclass
 class SemiConfig:
     """The section of the semi-supervised kinds (m2, m1m2); ignored by the others."""
 
-    labeled: int = 100  # class-balanced labelled images, drawn with the seed
-    aux_weight: float = 50.0  # alpha of the auxiliary alpha * log q(y|x) term
-    validation: int | None = None  # training images held out; None: 10,000 (1/5 if smaller)
-    m1_run: str | None = None  # the trained VAE whose latent means M1+M2 models
+    labeled: int = option(100, "class-balanced labelled images, drawn with the seed")
+    aux_weight: float = option(50.0, "alpha of the auxiliary alpha*log q(y|x) term")
+    validation: int | None = option(
+        None, "training images held out", shown="10000, or 1/5 if fewer"
+    )
+    m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent means M2 models")
 
 
 @dataclass
