@@ -147,3 +147,13 @@ def test_a_damaged_data_folder_is_refused_with_our_message(tmp_path):
         (raw / name).write_bytes(b"\x00\x00\x08\x03 not an image file")
     with pytest.raises(PyroVAEError, match=f"cannot read mnist from {tmp_path}"):
         load_dataset("mnist", str(tmp_path))
+
+
+def test_the_digits_file_read_directly_is_what_load_digits_gives():
+    from sklearn.datasets import load_digits
+
+    from pyro_vae.data import _digits_arrays
+
+    pixels, labels = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
