@@ -4,7 +4,7 @@ python examples/compare_elbos.py
 """
 
 import pyro_vae
-from pyro_vae.evaluation.compare import compare
+from pyro_vae import compare
 
 config = pyro_vae.Config()  # bundled digits, default model
 config.model.latent_dim, config.model.hidden = 8, [128]

@@ -8,8 +8,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from pyro_vae import VAE, ImageBatches, load_dataset, log_likelihood
-from pyro_vae.evaluation.evaluate import elbo
+from pyro_vae import VAE, ImageBatches, elbo, load_dataset, log_likelihood
 
 pyro.set_rng_seed(0)
 data = ImageBatches(load_dataset("digits"), binarize="dynamic")
