@@ -20,6 +20,7 @@ median over rounds of each round's ratio), and writes JSON.
     python benchmarks/throughput.py --data-dir ../shared/data [--quick] [--device cuda]
     python benchmarks/throughput.py --numpyro-python /path/to/python   # adds NumPyro's jitted epoch
     python benchmarks/throughput.py --elbo jit-trace   # pyro-vae with another estimator
+    python benchmarks/throughput.py --quick --compile  # adds the step compiled by inductor
 """
 
 import argparse
@@ -85,6 +86,28 @@ def pyro_vae_step(data, device, elbo="trace"):
     def step(index):
         with pyro.validation_enabled(config.train.validate):
             return guard.step(svi.step, data.batch(index), epoch=1, step=1)
+
+    return step
+
+
+def pyro_vae_compiled_step(data, device, elbo="trace"):
+    """pyro-vae's step traced and compiled with inductor (``--compile inductor``); the
+    compile (about 20 s per batch shape on 2 cores) happens at the warm-up, not timed."""
+    from pyro_vae.training.compiled import traced_step
+
+    config = Config()
+    config.inference.elbo = elbo
+    vae = build_vae(config, data.dataset.image_shape).to(device)
+    _, optimizer, estimator = make_svi(vae, config)
+    guard = Guard(vae.parameters(), Path("runs/throughput"), 0)
+    step_fn = []
+
+    def step(index):
+        x = data.batch(index)
+        with pyro.validation_enabled(False):
+            if not step_fn:
+                step_fn.append(traced_step(vae, estimator, optimizer, "inductor", (x,), elbo))
+            return guard.step(step_fn[0], x, epoch=1, step=1)
 
     return step
 
@@ -186,6 +209,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--elbo", default="trace", help="pyro-vae's estimator (default trace)")
     parser.add_argument("--numpyro-python", default=None)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add pyro-vae's step compiled with inductor (about 20 s of compiling per batch size)",
+    )
     parser.add_argument("--out", default="runs/throughput.json")
     args = parser.parse_args()
     if args.quick:
@@ -196,7 +224,10 @@ def main():
     data = ImageBatches(load_dataset("mnist", args.data_dir), "dynamic", device)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        steps = {name: make(data, device, args.elbo) for name, make in IMPLEMENTATIONS.items()}
+        makers = dict(IMPLEMENTATIONS)
+        if args.compile:
+            makers["pyro-vae --compile inductor"] = pyro_vae_compiled_step
+        steps = {name: make(data, device, args.elbo) for name, make in makers.items()}
         # Warm up (first-call costs, allocator) and size each timed block to ~args.seconds.
         block = {}
         for name, step in steps.items():

@@ -38,11 +38,18 @@ from ..errors import PyroVAEError
 from ..registry import Arg, Registry, nonnegative_float
 
 estimators = Registry(
-    "estimator", has_bound=True, works_under_ddp=False, enumerated=None, bound_as=None
+    "estimator",
+    has_bound=True,
+    works_under_ddp=False,
+    traceable=False,
+    enumerated=None,
+    bound_as=None,
 )
 """Estimators by spec. Each entry says whether its loss is a bound (``has_bound``: held-out
 numbers and the divergence check read it), whether DDP can differentiate its loss
-(``works_under_ddp``), its enumerating form for models that sum a discrete latent
+(``works_under_ddp``), whether ``--compile`` can trace its loss and gradients into
+one graph (``traceable``: a differentiable loss, not already compiled by PyTorch's
+JIT), its enumerating form for models that sum a discrete latent
 out (``enumerated``: a function of the number of particles that returns Pyro's
 TraceEnum_ELBO or its jitted twin; None where there is none), and which estimator
 evaluates its bound on held-out data (``bound_as``, a spec with its arguments in
@@ -69,13 +76,15 @@ def _enumerated(jit: bool) -> Callable[[int], ELBO]:
     return build
 
 
-@estimators.register("trace", works_under_ddp=True, enumerated=_enumerated(jit=False))
+@estimators.register(
+    "trace", works_under_ddp=True, traceable=True, enumerated=_enumerated(jit=False)
+)
 def trace(num_particles: int = 1) -> ELBO:
     """Trace_ELBO: E_q[log p(x,z) - log q(z|x)] by reparameterized Monte Carlo."""
     return Trace_ELBO(**_particles(num_particles))
 
 
-@estimators.register("meanfield", works_under_ddp=True)
+@estimators.register("meanfield", works_under_ddp=True, traceable=True)
 def meanfield(num_particles: int = 1) -> ELBO:
     """TraceMeanField_ELBO: analytic KL(q || p) where registered, Monte Carlo otherwise."""
     return TraceMeanField_ELBO(**_particles(num_particles))
@@ -351,7 +360,7 @@ class DReG_ELBO(ELBO):
         return loss.item()
 
 
-@estimators.register("dreg", Arg("K"), works_under_ddp=True, bound_as="iwae:{K}")
+@estimators.register("dreg", Arg("K"), works_under_ddp=True, traceable=True, bound_as="iwae:{K}")
 def dreg(K: int) -> ELBO:
     """IWAE bound with doubly-reparameterized gradients (Tucker et al. 2019)."""
     return DReG_ELBO(K)

@@ -84,6 +84,8 @@ class PyroProgram(nn.Module):
         a second program in the same process would silently have SVI step the first
         one's parameters. Entries that are not ours are evicted first.
         """
+        if self.__dict__.get("_traced_step"):  # the traced step's inputs stand in for them
+            return
         params = self._pyro_params(part)
         store = pyro.get_param_store()
         if any(name not in store or store[name] is not p for name, p in params):

@@ -146,6 +146,8 @@ def run(
         step_fn = distributed.step(model, optimizer, elbo, data.num_train)
     else:
         step_fn = SVI(*model.svi_program(), optimizer, loss=elbo).step
+        if t.compile != "none":
+            step_fn = _compiled(step_fn, model, elbo, optimizer, config)
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -237,6 +239,22 @@ def run(
 
 def _silent(*_: Any) -> None:
     pass
+
+
+def _compiled(eager: Callable, model, elbo, optimizer, config: Config) -> Callable:
+    """The traced step (``--compile``), made at the first batch; the eager one where the
+    step cannot be traced (said once)."""
+    from .compiled import traced_step
+
+    chosen: list[Callable] = []
+
+    def step(*args):
+        if not chosen:
+            mode, spec = config.train.compile, config.inference.elbo
+            chosen.append(traced_step(model, elbo, optimizer, mode, args, spec) or eager)
+        return chosen[0](*args)
+
+    return step
 
 
 def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *args) -> float:

@@ -1,0 +1,147 @@
+"""--compile: the SVI step traced into one graph per batch shape gives Pyro's eager numbers."""
+
+import logging
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI
+
+from pyro_vae import VAE, ImageBatches, estimators, load_dataset, train
+from pyro_vae.inference.optim import Adam
+from pyro_vae.training.compiled import TracedStep, traced_step
+from pyro_vae.training.runs import load_checkpoint, read_metrics
+from pyro_vae.training.train import resume
+
+from .helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ImageBatches(load_dataset("digits"))
+
+
+@pytest.fixture(autouse=True)
+def unvalidated():
+    """Pyro's validation reads values on the host; the traced step has none, nor may eager."""
+    with pyro.validation_enabled(False):
+        yield
+
+
+def _steps(make_step, vae, data, sizes, seed=1):
+    """Losses of steps on batches of ``sizes`` images, the draws seeded, and the final
+    parameters."""
+    pyro.set_rng_seed(seed)
+    data.rng.seed(seed)  # the binarization's own generator
+    step = make_step(vae)
+    losses = [step(data.batch(torch.arange(n))) for n in sizes]
+    return losses, [p.detach().clone() for p in vae.parameters()]
+
+
+def _eager(spec):
+    def make(vae):
+        pyro.clear_param_store()
+        elbo = estimators.build(spec, num_particles=1, data_dim=vae.data_dim)
+        return SVI(vae.model, vae.guide, Adam(1e-2), loss=elbo).step
+
+    return make
+
+
+def _traced(spec):
+    def make(vae):
+        pyro.clear_param_store()
+        elbo = estimators.build(spec, num_particles=1, data_dim=vae.data_dim)
+        return TracedStep(vae, elbo, Adam(1e-2), "trace")
+
+    return make
+
+
+COMPONENTS = [
+    {},
+    {"prior": "normal-learned"},
+    {"prior": "mog:3"},
+    {"prior": "vamp:4"},
+    {"prior": "flow:1"},
+    {"likelihood": "cbernoulli"},
+    {"likelihood": "gaussian"},
+    {"likelihood": "laplace"},
+    {"guide": "lowrank:2"},
+    {"guide": "iaf:1"},
+]
+
+
+CASES = [("trace", c) for c in COMPONENTS] + [("meanfield", {}), ("dreg:3", {})]
+
+
+@pytest.mark.parametrize(
+    "spec, components", CASES, ids=[f"{s}-{'-'.join(c.values()) or 'default'}" for s, c in CASES]
+)
+def test_the_traced_step_takes_the_eager_steps_bit_for_bit(spec, components, data):
+    """Each estimator it traces with the default components; each component with trace."""
+    runs = []
+    for make in (_eager(spec), _traced(spec)):
+        pyro.set_rng_seed(0)
+        vae = VAE((8, 8), latent_dim=4, hidden=(16,), **components)
+        runs.append(_steps(make, vae, data, [64, 64, 64]))
+    (eager_losses, eager_params), (traced_losses, traced_params) = runs
+    # Pyro's eager loss adds the sites' log-densities as Python floats, the graph as float32
+    # tensors: the values agree to float32's precision, the gradients (so the steps) exactly.
+    assert traced_losses == pytest.approx(eager_losses, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, traced_params, strict=True))
+
+
+def test_a_new_batch_shape_is_traced_again_and_stays_exact(data):
+    runs = []
+    for make in (_eager("trace"), _traced("trace")):
+        pyro.set_rng_seed(0)
+        vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+        runs.append(_steps(make, vae, data, [64, 28, 64, 28]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    step = _traced("trace")(vae)
+    for n in (64, 28, 64):
+        step(data.batch(torch.arange(n)))
+    assert len(step.graphs) == 2
+
+
+def test_a_compiled_run_matches_the_eager_run_and_resumes_exactly(tmp_path):
+    def config(epochs, mode):
+        return small_config(train={"epochs": epochs, "compile": mode, "validate": False})
+
+    eager = train(config(3, "none"), tmp_path / "eager")
+    traced = train(config(3, "trace"), tmp_path / "traced")
+    assert traced["test_elbo"] == eager["test_elbo"] and traced["log_px"] == eager["log_px"]
+    train(config(2, "trace"), tmp_path / "resumed")
+    resume(tmp_path / "resumed", epochs=3)
+    a = load_checkpoint(tmp_path / "traced" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+
+
+class HostReadingPrior(torch.nn.Module):
+    """A plugin's prior that reads a value on the host: it cannot be traced."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+
+    def forward(self):
+        scale = 1.0 if self.loc.abs().max().item() < 1e6 else 2.0
+        return pyro.distributions.Normal(self.loc, scale).to_event(1)
+
+
+def test_an_untraceable_plugin_falls_back_to_eager_with_a_notice_naming_it(data, caplog):
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,), prior=HostReadingPrior(4))
+    elbo = estimators.build("trace", num_particles=1, data_dim=64)
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        step = traced_step(vae, elbo, Adam(1e-2), "trace", (data.batch(torch.arange(64)),), "trace")
+    assert step is None
+    assert "could not trace VAE's step" in caplog.text
+    assert "test_compiled.py" in caplog.text and "(forward)" in caplog.text, caplog.text
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        assert traced_step(vae, elbo, Adam(1e-2), "trace", (), "iwae:3") is None
+    assert "estimator iwae:3 cannot be traced" in caplog.text
