@@ -59,6 +59,7 @@ def test_fit_trains_a_users_program_on_tensors_in_memory(digits, tmp_path, monke
     first, last = result.metrics[0]["test_elbo"], result.metrics[-1]["test_elbo"]
     assert last > first + 2, (first, last)
     assert result.summary["log_px"] > result.summary["test_elbo"] - 0.5  # IS above the ELBO
+    assert result.summary["dataset"] == "in-memory"
     assert not result.model.training
 
 
