@@ -339,7 +339,7 @@ def fit(
     if not isinstance(data, Batches_):
         if not hasattr(data, "train_images"):
             data = as_dataset(data, test, getattr(model, "image_shape", None))
-        config.data.dataset = data.name
+            config.data.dataset = data.name
         seed = (config.train.seed + world.rank) % 2**32
         data = Batches_(data, config.data.binarize, device, seed=seed)
     model = model.to(data.device)
