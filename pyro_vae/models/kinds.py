@@ -31,19 +31,19 @@ model_kinds = Registry(
 register: Callable = model_kinds.register
 
 
-def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
-    """The VAE a config's ``[model]`` describes, for images of ``image_shape``."""
+def _components(config: Config) -> dict[str, Any]:
+    """The ``[model]`` fields every kind of ours takes, its plugins imported."""
     m = config.model
     import_plugins(m.plugins)
-    return VAE(
-        image_shape,
-        latent_dim=m.latent_dim,
-        hidden=m.hidden,
-        prior=m.prior,
-        likelihood=m.likelihood,
+    return dict(
+        latent_dim=m.latent_dim, hidden=m.hidden, prior=m.prior, likelihood=m.likelihood,
         guide=m.guide,
-        arch=m.arch,
-    )
+    )  # fmt: skip
+
+
+def build_vae(config: Config, image_shape: tuple[int, ...]) -> VAE:
+    """The VAE a config's ``[model]`` describes, for images of ``image_shape``."""
+    return VAE(image_shape, arch=config.model.arch, **_components(config))
 
 
 def prepare(config: Config, image_shape: tuple[int, ...]) -> Any:
@@ -89,14 +89,9 @@ def vae(config: Config, image_shape, num_classes: int, checkpoint, prepared) -> 
 
 
 def _semi_options(config: Config, num_classes: int) -> dict[str, Any]:
-    m, s = config.model, config.semi
-    import_plugins(m.plugins)
+    s = config.semi
     return dict(
-        latent_dim=m.latent_dim,
-        hidden=m.hidden,
-        prior=m.prior,
-        likelihood=m.likelihood,
-        guide=m.guide,
+        **_components(config),
         aux_weight=s.aux_weight,
         labeled=s.labeled,
         validation=s.validation,
