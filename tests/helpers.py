@@ -54,3 +54,44 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=300,
     )
+
+
+def tiny_vae(image_shape=(8, 8), latent_dim=4, hidden=32):
+    """A user's own Pyro program, written from scratch with the library's parts: what
+    ``pyro_vae.fit`` and a plugin's model kind train (built here, in a function, so that
+    importing this module does not import torch)."""
+    import math
+
+    import pyro
+    import torch
+
+    from pyro_vae import PyroProgram, guides, likelihoods
+    from pyro_vae.components.nets import mlp
+
+    class TinyVAE(PyroProgram):
+        pyro_name = "tiny"
+
+        def __init__(self):
+            super().__init__()
+            self.image_shape, self.data_dim = tuple(image_shape), math.prod(image_shape)
+            self.posterior = guides.build("normal", latent_dim=latent_dim)
+            self.likelihood = likelihoods.build("bernoulli", data_dim=self.data_dim)
+            self.encoder = mlp([self.data_dim, hidden, self.posterior.param_dim])
+            self.decoder = mlp([latent_dim, hidden, self.data_dim])
+            self.register_buffer("zeros", torch.zeros(latent_dim))
+
+        def model_modules(self):
+            return (self.decoder, self.likelihood)
+
+        def model(self, x, size=None):
+            self.register("model")
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", pyro.distributions.Normal(self.zeros, 1.0).to_event(1))
+                pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+        def guide(self, x, size=None):
+            self.register("guide")
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", self.posterior(self.encoder(x)))
+
+    return TinyVAE()

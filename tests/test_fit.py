@@ -4,39 +4,10 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import SSVAE, VAE, PyroProgram, PyroVAEError, fit, guides, likelihoods, load_dataset
-from pyro_vae.components.nets import mlp
+from pyro_vae import SSVAE, VAE, PyroVAEError, fit, load_dataset
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 
-
-class TinyVAE(PyroProgram):
-    """A user's own program, written from scratch with the library's parts."""
-
-    pyro_name = "tiny"
-
-    def __init__(self, data_dim=64, latent_dim=4):
-        super().__init__()
-        self.data_dim, self.image_shape = data_dim, (8, 8)
-        self.posterior = guides.build("normal", latent_dim=latent_dim)
-        self.likelihood = likelihoods.build("bernoulli", data_dim=data_dim)
-        self.encoder = mlp([data_dim, 32, self.posterior.param_dim])
-        self.decoder = mlp([latent_dim, 32, data_dim])
-        self.register_buffer("zeros", torch.zeros(latent_dim))
-
-    def model_modules(self):
-        return (self.decoder, self.likelihood)
-
-    def model(self, x, size=None):
-        self.register("model")
-        with pyro.plate("data", x.shape[0]):
-            prior = pyro.distributions.Normal(self.zeros, 1.0).to_event(1)
-            z = pyro.sample("z", prior)
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
-
-    def guide(self, x, size=None):
-        self.register("guide")
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(self.encoder(x)))
+from .helpers import tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +24,7 @@ def test_fit_trains_a_users_program_on_tensors_in_memory(digits, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (x, _), (x_test, _) = digits
     pyro.set_rng_seed(0)
-    result = fit(TinyVAE(), x, test=x_test, epochs=4, batch_size=64, lr=3e-3, iw_samples=20)
+    result = fit(tiny_vae(), x, test=x_test, epochs=4, batch_size=64, lr=3e-3, iw_samples=20)
     assert list(tmp_path.iterdir()) == [], "in memory: no run folder, no files"
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
     first, last = result.metrics[0]["test_elbo"], result.metrics[-1]["test_elbo"]
@@ -104,7 +75,7 @@ def test_fit_resumes_its_run_folder_exactly(tmp_path):
 )
 def test_fit_refuses_bad_data_and_settings_with_our_error(data, settings, message):
     with pytest.raises(PyroVAEError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        fit(TinyVAE(), data, **settings)
+        fit(tiny_vae(), data, **settings)
 
 
 def test_a_dataset_class_from_the_user_is_registered_for_the_cli(tmp_path, monkeypatch):

@@ -102,64 +102,29 @@ def test_a_dataset_plugin_trains_and_evaluates_from_the_cli(tmp_path):
 
 
 TINY_KIND = '''
-import math
-
-import pyro
-import pyro.distributions as dist
-import torch
-
-from pyro_vae import PyroProgram, guides, likelihoods, models
-from pyro_vae.components.nets import mlp
-
-
-class Tiny(PyroProgram):
-    pyro_name = "tiny"
-
-    def __init__(self, image_shape, latent_dim):
-        super().__init__()
-        self.image_shape, self.data_dim = tuple(image_shape), math.prod(image_shape)
-        self.posterior = guides.build("normal", latent_dim=latent_dim)
-        self.likelihood = likelihoods.build("bernoulli", data_dim=self.data_dim)
-        self.encoder = mlp([self.data_dim, 16, self.posterior.param_dim])
-        self.decoder = mlp([latent_dim, 16, self.data_dim])
-        self.register_buffer("zeros", torch.zeros(latent_dim))
-
-    def model_modules(self):
-        return (self.decoder, self.likelihood)
-
-    def model(self, x, size=None):
-        self.register("model")
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(self.zeros, 1.0).to_event(1))
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
-
-    def guide(self, x, size=None):
-        self.register("guide")
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(self.encoder(x)))
+from pyro_vae import PyroVAEError, models
+from tests.helpers import tiny_vae
 
 
 def refuse_wide(config):
     if config.model.latent_dim > 8:
-        raise models.PyroVAEError("model 'tiny' takes at most 8 latent dimensions")
+        raise PyroVAEError("model 'tiny' takes at most 8 latent dimensions")
 
 
 @models.register("tiny", validate=refuse_wide)
 def tiny(config, image_shape, num_classes, checkpoint, prepared):
-    """A one-layer VAE from scratch."""
-    return Tiny(image_shape, config.model.latent_dim)
+    """A one-layer VAE from scratch (tests/helpers.py)."""
+    return tiny_vae(image_shape, config.model.latent_dim, hidden=16)
 '''
 
 
 def test_a_model_kind_from_a_plugin_trains_evaluates_and_validates(tmp_path, capsys):
     plugin = tmp_path / "tiny.py"
-    plugin.write_text(TINY_KIND.replace("models.PyroVAEError", "PyroVAEError").replace(
-        "from pyro_vae import PyroProgram,", "from pyro_vae import PyroProgram, PyroVAEError,"
-    ))  # fmt: skip
+    plugin.write_text(TINY_KIND)
     run = tmp_path / "run"
     args = ["train", "--plugin", str(plugin), "--model", "tiny", "--epochs", "2", "--quiet"]
     assert main([*args, "--latent-dim", "4", "--out", str(run)]) == 0
-    assert type(load_run(run)).__name__ == "Tiny"
+    assert type(load_run(run)).__name__ == "TinyVAE"
     assert main(["evaluate", str(run)]) == 0
     assert main([*args, "--latent-dim", "9", "--out", str(tmp_path / "wide")]) == 2
     assert "model 'tiny' takes at most 8 latent dimensions" in capsys.readouterr().err
