@@ -28,6 +28,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 BINARIZATIONS = ("dynamic", "static", "none")
 COMPILE_MODES = ("none", "trace", "inductor")
+LABELLED_SCHEDULES = ("every-step", "proportional", "interleave")
+AUX_SCALINGS = ("absolute", "data")
 SNR_REPEATS = 100
 """Gradient draws per estimator for the gradient SNR of ``pyro-vae compare``."""
 
@@ -112,6 +114,18 @@ class SemiConfig:
 
     labeled: int = option(100, "class-balanced labelled images, drawn with the seed")
     aux_weight: float = option(50.0, "alpha of the auxiliary alpha*log q(y|x) term")
+    aux_scaling: str = option(
+        "absolute",
+        "absolute: alpha weighs each labelled image; data: alpha*N weighs their mean "
+        "(Kingma et al.'s alpha = 0.1 N, N the training images)",
+    )
+    schedule: str = option(
+        "every-step",
+        "how labelled images join: every-step (a labelled batch with each step, unscaled), "
+        "proportional (with each step, scaled to the objective as written) or interleave "
+        "(steps of their own, each labelled image once an epoch, as Pyro's example)",
+        "labelled-schedule",
+    )
     validation: int | None = option(
         None, "training images held out", shown="10000, or 1/5 if fewer"
     )
@@ -323,6 +337,14 @@ def validate(config: Config) -> Config:
         (s.labeled >= 1, "semi.labeled must be >= 1"),
         (math.isfinite(s.aux_weight) and s.aux_weight >= 0, "semi.aux_weight must be >= 0"),
         (s.validation is None or s.validation >= 0, "semi.validation must be >= 0"),
+        (
+            s.aux_scaling in AUX_SCALINGS,
+            f"semi.aux_scaling must be one of {', '.join(AUX_SCALINGS)}",
+        ),
+        (
+            s.schedule in LABELLED_SCHEDULES,
+            f"semi.schedule must be one of {', '.join(LABELLED_SCHEDULES)}",
+        ),
     )
     validate_training(config)
     for registry, spec in (

@@ -50,11 +50,12 @@ def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_pat
     assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "s.png")]) == 0
 
 
-def test_m2_trains_with_the_jitted_enumerating_elbo_as_with_the_eager_one(tmp_path):
+@pytest.mark.parametrize("schedule", ["every-step", "proportional", "interleave"])
+def test_m2_trains_with_the_jitted_enumerating_elbo_as_with_the_eager_one(schedule, tmp_path):
     summaries = []
     for elbo in ("trace", "jit-trace"):
         config = m2_config(epochs=1)
-        config.inference.elbo = elbo
+        config.inference.elbo, config.semi.schedule = elbo, schedule
         summaries.append(train(config, tmp_path / elbo, progress=False))
     eager, jitted = summaries
     assert jitted["test_elbo"] == pytest.approx(eager["test_elbo"], abs=0.05)
@@ -110,6 +111,8 @@ def test_m1m2_stacks_m2_on_a_trained_vae_and_keeps_it_in_its_checkpoint(trained_
         (["--model", "m2", "--arch", "conv"], "built of MLPs"),
         (["--model", "m3"], "unknown model"),
         (["--model", "m2", "--m1-run", "x"], "is for --model m1m2"),
+        (["--model", "m2", "--labelled-schedule", "often"], "semi.schedule must be one of"),
+        (["--model", "m2", "--aux-scaling", "n"], "semi.aux_scaling must be one of"),
     ],
 )
 def test_bad_semi_supervised_input_is_one_line_exit_2(args, message, tmp_path, capsys):

@@ -140,3 +140,78 @@ def test_the_readme_model_with_a_learned_class_prior_trains(digits):
     losses = [svi.step(x[10:], x[:10], one_hot(labels[:10])) for _ in range(20)]
     assert all(math.isfinite(v) for v in losses)
     assert m2.class_prior.logits.abs().sum() > 0, "p(y) was learned"
+
+
+def epoch_of(schedule, aux_scaling="absolute", batch_size=100):
+    """One epoch's steps of an M2 on the bundled digits (1,100 unlabelled, 100 labelled)."""
+    model = SSVAE((8, 8), latent_dim=3, hidden=(16,), schedule=schedule, aux_scaling=aux_scaling)
+    data = ImageBatches(load_dataset("digits"))
+    return model, list(semi.train_batches(model, data, batch_size, epoch=1, seed=0))
+
+
+def test_the_proportional_schedule_weighs_labelled_terms_as_the_objective_is_written():
+    model, steps = epoch_of("proportional", batch_size=128)
+    assert all(len(step) == 4 for step in steps), "a labelled batch and its scale every step"
+    unlabelled = sum(len(step[0]) for step in steps)
+    labelled_weight = sum(float(step[3]) * len(step[1]) for step in steps)
+    # over an epoch each unlabelled image counts once, and the labelled ones 100 in all
+    assert (unlabelled, labelled_weight) == (1100, pytest.approx(100, rel=1e-6))
+    assert model.aux_per_image == model.aux_weight
+
+
+def test_every_step_joins_an_unscaled_labelled_batch_to_each_step():
+    model, steps = epoch_of("every-step")
+    assert [len(step) for step in steps] == [3] * 11, "semi_model's default scale and alpha"
+    assert [len(step[1]) for step in steps] == [100] * 11
+
+
+def test_the_interleaved_schedule_passes_over_each_labelled_image_once_in_steps_of_its_own():
+    model, steps = epoch_of("interleave", batch_size=30)
+    labelled = [step for step in steps if len(step[0]) == 0]
+    unlabelled = [step for step in steps if len(step[0])]
+    assert all(len(step) == 1 for step in unlabelled), "no labelled batch beside unlabelled"
+    assert sum(len(step[0]) for step in unlabelled) == 1100
+    assert sum(len(step[1]) for step in labelled) == 100 and len(labelled) == 4
+    data = ImageBatches(load_dataset("digits"))
+    labelled_images = data.dataset.train_labels[semi.split_for_model(model, data, 0).labelled]
+    assert sorted(torch.cat([s[2] for s in labelled]).argmax(-1).tolist()) == sorted(
+        labelled_images.tolist()
+    ), "each labelled image's label exactly once"
+    where = [i for i, step in enumerate(steps) if len(step[0]) == 0]
+    assert where == [5, 15, 25, 35], "spread evenly over the 41 steps"
+    assert semi.interleaved(3, 1) == [False, False, True, False]
+
+
+def test_data_scaling_weighs_the_mean_of_the_labelled_aux_terms_by_alpha_n(digits):
+    model, _ = epoch_of("every-step", aux_scaling="data")
+    # Kingma et al.'s alpha = 0.1 N over the labelled mean: with the default 50,
+    # 50 * 1200 / 100 per image (1,100 unlabelled and 100 labelled training images)
+    assert model.aux_per_image == pytest.approx(50.0 * 1200 / 100)
+    x, labels = digits[0][:4], digits[1][:4]
+    aux = poutine.trace(model.semi_model).get_trace(x, x, one_hot(labels))
+    assert aux.nodes["labelled/y_aux"]["scale"] == pytest.approx(600.0)
+    model.aux_weight = 0.1
+    assert model.aux_weight_per_image(100, 1200) == pytest.approx(1.2)
+    absolute, _ = epoch_of("every-step")
+    assert absolute.aux_per_image == 50.0
+
+
+def test_the_labelled_scale_multiplies_the_labelled_terms_of_the_step(m2, digits):
+    x, labels = digits[0][:6], digits[1][:4]
+    args = (x, x[:4], one_hot(labels))
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+
+    def loss(*args):
+        pyro.set_rng_seed(3)  # the same draws: unlabelled first, then labelled
+        return elbo.loss(m2.semi_model, m2.semi_guide, *args)
+
+    with torch.no_grad():
+        log_q = torch.log_softmax(m2.classifier_net(x[:4]), -1)
+    aux_term = -(log_q * one_hot(labels)).sum().item()
+    unlabelled = loss(x)
+    labelled = loss(*args) - unlabelled  # ELBO(x_l, y) + alpha * log q(y|x_l), negated
+    assert loss(*args, torch.tensor(0.25)) == pytest.approx(unlabelled + 0.25 * labelled)
+    m2.aux_per_image = 7.0
+    assert loss(*args) == pytest.approx(unlabelled + labelled + (7.0 - 50.0) * aux_term)
+    m2.aux_per_image = 0.0
+    assert loss(*args) == pytest.approx(unlabelled + labelled - 50.0 * aux_term)

@@ -93,6 +93,8 @@ def _semi_options(config: Config, num_classes: int) -> dict[str, Any]:
     return dict(
         **_components(config),
         aux_weight=s.aux_weight,
+        aux_scaling=s.aux_scaling,
+        schedule=s.schedule,
         labeled=s.labeled,
         validation=s.validation,
         num_classes=num_classes,

@@ -24,7 +24,7 @@ from ..components.guides import guides
 from ..components.likelihoods import likelihoods
 from ..components.nets import mlp
 from ..components.priors import priors
-from ..config import SemiConfig
+from ..config import AUX_SCALINGS, LABELLED_SCHEDULES, SemiConfig
 from ..errors import PyroVAEError
 from ..registry import check_positive
 from .base import PyroProgram
@@ -49,6 +49,11 @@ class SSVAE(PyroProgram):
         prior, likelihood, guide: component specs or objects, as for ``VAE``
             (priors defined through the encoder, the VampPrior, do not apply).
         aux_weight: alpha of the auxiliary classification loss (default: the config's).
+        aux_scaling: ``"absolute"``: alpha weighs each labelled image's log q(y|x);
+            ``"data"``: alpha * N weighs their mean, N the training images (labelled and
+            unlabelled), as Kingma et al.'s alpha = 0.1 N: alpha * N / labelled per image.
+        schedule: how labelled images join training (``training.semi.train_batches``):
+            ``"every-step"``, ``"proportional"`` or ``"interleave"``.
         labeled: class-balanced labelled training images it trains with (default: the
             config's), drawn with the training seed.
         validation: training images held out of both (None: 10,000, or a fifth of
@@ -67,6 +72,8 @@ class SSVAE(PyroProgram):
         likelihood: Any = "bernoulli",
         guide: Any = "normal",
         aux_weight: float = SemiConfig.aux_weight,
+        aux_scaling: str = SemiConfig.aux_scaling,
+        schedule: str = SemiConfig.schedule,
         labeled: int = SemiConfig.labeled,
         validation: int | None = SemiConfig.validation,
     ):
@@ -80,6 +87,13 @@ class SSVAE(PyroProgram):
         self.data_dim = math.prod(self.image_shape)
         self.num_classes, self.latent_dim, self.aux_weight = num_classes, latent_dim, aux_weight
         self.labeled, self.validation = labeled, validation
+        if aux_scaling not in AUX_SCALINGS:
+            raise PyroVAEError(f"aux_scaling must be one of {', '.join(AUX_SCALINGS)}")
+        if schedule not in LABELLED_SCHEDULES:
+            raise PyroVAEError(f"schedule must be one of {', '.join(LABELLED_SCHEDULES)}")
+        self.aux_scaling, self.schedule = aux_scaling, schedule
+        self.aux_per_image: float | None = None
+        """alpha per labelled image as training set it (None: ``aux_weight``)."""
         self.likelihood = likelihoods.build(likelihood, data_dim=self.data_dim)
         self.posterior = guides.build(guide, latent_dim=latent_dim)
         try:
@@ -117,29 +131,42 @@ class SSVAE(PyroProgram):
             pyro.sample("z", self.posterior(self.encoder(broadcast_cat(x, y))))
 
     def classifier(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
-        """The auxiliary model: alpha * log q(y|x) on labelled images (its guide is empty)."""
+        """The auxiliary model: alpha * log q(y|x) on labelled images (its guide is empty),
+        alpha the weight per image that ``aux_scaling`` gives (no term when it is 0)."""
         self.register("guide")
-        with pyro.plate(plate, x.shape[0]), pyro.poutine.scale(scale=self.aux_weight):
+        weight = self.aux_weight if self.aux_per_image is None else self.aux_per_image
+        if weight == 0:  # poutine.scale refuses 0, and the term is nothing
+            return
+        with pyro.plate(plate, x.shape[0]), pyro.poutine.scale(scale=weight):
             pyro.sample("y_aux", dist.OneHotCategorical(logits=self.classifier_net(x)), obs=y)
 
     def empty_guide(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
         """The guide of ``classifier``: it has no latent variables."""
+
+    def aux_weight_per_image(self, labelled: int, images: int) -> float:
+        """The weight of one labelled image's log q(y|x), given the counts of labelled and
+        of all training images (``aux_scaling``); training sets ``aux_per_image`` to it."""
+        if self.aux_scaling == "data":
+            return self.aux_weight * images / labelled
+        return self.aux_weight
 
     def semi_model(
         self,
         x: torch.Tensor,
         x_labelled: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        labelled_scale: float | torch.Tensor = 1.0,
     ) -> None:
         """Kingma et al.'s objective in one program: an unlabelled and, maybe, a labelled batch.
 
-        ELBO(x) with y summed out, plus ELBO(x_labelled, y) plus alpha * log q(y|x_labelled).
-        Sites are named ``unlabelled/...`` and ``labelled/...``.
+        ELBO(x) with y summed out, plus ``labelled_scale`` * (ELBO(x_labelled, y) +
+        alpha * log q(y|x_labelled)). An empty ``x`` is a step of labelled images only. Sites are named ``unlabelled/...`` and ``labelled/...``.
         """
-        with scope(prefix="unlabelled"):
-            self.model(x, plate="unlabelled")
+        if x.shape[0]:
+            with scope(prefix="unlabelled"):
+                self.model(x, plate="unlabelled")
         if x_labelled is not None:
-            with scope(prefix="labelled"):
+            with scope(prefix="labelled"), pyro.poutine.scale(scale=labelled_scale):
                 self.model(x_labelled, y, plate="labelled")
                 self.classifier(x_labelled, y, plate="labelled_aux")
 
@@ -148,12 +175,14 @@ class SSVAE(PyroProgram):
         x: torch.Tensor,
         x_labelled: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        labelled_scale: float | torch.Tensor = 1.0,
     ) -> None:
         """The guide of ``semi_model``."""
-        with scope(prefix="unlabelled"):
-            self.guide(x, plate="unlabelled")
+        if x.shape[0]:
+            with scope(prefix="unlabelled"):
+                self.guide(x, plate="unlabelled")
         if x_labelled is not None:
-            with scope(prefix="labelled"):
+            with scope(prefix="labelled"), pyro.poutine.scale(scale=labelled_scale):
                 self.guide(x_labelled, y, plate="labelled")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -162,9 +162,27 @@ def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
     return cached[1]
 
 
+def interleaved(unlabelled: int, labelled: int) -> list[bool]:
+    """Where the ``labelled`` steps go among ``unlabelled + labelled``: spread evenly, the
+    first half an interval in (True marks a labelled step)."""
+    total = unlabelled + labelled
+    at = {k * total // labelled + total // (2 * labelled) for k in range(labelled)}
+    return [i in at for i in range(total)]
+
+
 def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int, seed: int):
-    """One epoch of (unlabelled, labelled, labels) steps: every unlabelled image once, in an
-    order set by (seed, epoch), each step with the next labelled batch."""
+    """One epoch of steps ``(unlabelled, [labelled, labels, [labelled_scale]])``:
+    every unlabelled image once, in an order set by (seed, epoch), and the labelled images
+    as ``model.schedule`` says (and alpha per labelled image as ``model.aux_scaling`` does):
+
+    - ``every-step``: the next labelled batch joins each step, unscaled;
+    - ``proportional``: the same, its terms scaled by (N_l / B_l) / (N_u / B_u), so that
+      each step estimates the objective as written, in which the labelled and unlabelled
+      terms weigh in proportion to their counts N_l and N_u;
+    - ``interleave``: one pass over the labelled images an epoch, in steps of their own
+      (an empty unlabelled batch) spread evenly among the unlabelled steps, as Pyro's
+      ``examples/vae/ss_vae_M2.py`` does.
+    """
     from .loop import Batches
 
     parts = split_for_model(model, data, seed)
@@ -172,18 +190,47 @@ def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int,
     labels = data.dataset.train_labels[parts.labelled]
     y_labelled = torch.nn.functional.one_hot(labels, model.num_classes).to(device, torch.float)
     labelled_index = parts.labelled.to(device)
-    order = torch.randperm(len(parts.unlabelled), generator=_generator(seed, epoch, 1))
+    n_u, n_l = len(parts.unlabelled), len(parts.labelled)
+    model.aux_per_image = model.aux_weight_per_image(n_l, n_l + n_u)
+    order = torch.randperm(n_u, generator=_generator(seed, epoch, 1))
     unlabelled = parts.unlabelled[order].to(device)
-    labelled = labelled_batches(len(labelled_index), batch_size, _generator(seed, epoch, 2))
+    size = min(batch_size, n_l)
+    if model.schedule == "interleave":
+        labelled = iter(torch.randperm(n_l, generator=_generator(seed, epoch, 2)).split(size))
+        plan = interleaved(math.ceil(n_u / batch_size), math.ceil(n_l / size))
+    else:
+        labelled = labelled_batches(n_l, batch_size, _generator(seed, epoch, 2))
+        plan = [False] * math.ceil(n_u / batch_size)
+
+    def labelled_batch():
+        at = next(labelled)
+        return model.features(data.batch(labelled_index[at])), y_labelled[at]
+
+    def step(x, labelled=None, scale=1.0):
+        # Only what differs from semi_model's defaults is passed, the scale as a tensor: the
+        # jitted estimator traces tensors only and keys its programs by their number.
+        if labelled is None:
+            return (x,)
+        if scale == 1.0:
+            return (x, *labelled)
+        return (x, *labelled, torch.tensor(scale, device=device))
 
     def steps():
-        for x in data.train_batches(batch_size, unlabelled):
-            at = next(labelled)
-            x_labelled = model.features(data.batch(labelled_index[at]))
-            yield model.features(x), x_labelled, y_labelled[at]
+        unlabelled_batches = data.train_batches(batch_size, unlabelled)
+        for labelled_only in plan:
+            if labelled_only:
+                x_l, y = labelled_batch()
+                yield step(x_l[:0], (x_l, y))
+                continue
+            x = model.features(next(unlabelled_batches))
+            if model.schedule == "interleave":
+                yield step(x)
+                continue
+            x_l, y = labelled_batch()
+            proportional = model.schedule == "proportional"
+            yield step(x, (x_l, y), (n_l / len(x_l)) / (n_u / len(x)) if proportional else 1.0)
 
-    n = len(parts.unlabelled)
-    return Batches(steps(), math.ceil(n / batch_size), min(batch_size, n))
+    return Batches(steps(), len(plan), min(batch_size, n_u))
 
 
 def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | None]:
