@@ -88,7 +88,8 @@ def vae(config: Config, image_shape, num_classes: int, checkpoint, prepared) -> 
     return build_vae(config, image_shape)
 
 
-def _semi_options(config: Config, num_classes: int) -> dict[str, Any]:
+def semi_options(config: Config, num_classes: int) -> dict[str, Any]:
+    """What a semi-supervised kind's model takes from ``[model]`` and ``[semi]``."""
     s = config.semi
     return dict(
         **_components(config),
@@ -107,16 +108,17 @@ def _validate_semi(config: Config) -> None:
         raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
 
 
-def _validate_m2(config: Config) -> None:
+def validate_m2(config: Config) -> None:
+    """The checks of a kind that models the images themselves, as M2 does."""
     _validate_semi(config)
     if config.semi.m1_run:
         raise PyroVAEError("--m1-run is for --model m1m2; M2 models the images themselves")
 
 
-@register("m2", section="semi", needs_enumeration=True, validate=_validate_m2)
+@register("m2", section="semi", needs_enumeration=True, validate=validate_m2)
 def m2(config: Config, image_shape, num_classes: int, checkpoint, prepared) -> SSVAE:
     """Semi-supervised M2 (Kingma et al. 2014): y enumerated where unlabelled."""
-    return SSVAE(image_shape, **_semi_options(config, num_classes))
+    return SSVAE(image_shape, **semi_options(config, num_classes))
 
 
 def _validate_m1m2(config: Config) -> None:
@@ -154,4 +156,4 @@ def m1m2(config: Config, image_shape, num_classes: int, checkpoint, prepared) ->
         m1.config = m1_config
     else:
         m1 = prepared
-    return M1M2(m1, **_semi_options(config, num_classes))
+    return M1M2(m1, **semi_options(config, num_classes))

@@ -160,15 +160,20 @@ class SSVAE(PyroProgram):
         """Kingma et al.'s objective in one program: an unlabelled and, maybe, a labelled batch.
 
         ELBO(x) with y summed out, plus ``labelled_scale`` * (ELBO(x_labelled, y) +
-        alpha * log q(y|x_labelled)). An empty ``x`` is a step of labelled images only. Sites are named ``unlabelled/...`` and ``labelled/...``.
+        alpha * log q(y|x_labelled)). An empty ``x`` is a step of labelled images only.
+        Sites are named ``unlabelled/...`` and ``labelled/...``.
         """
         if x.shape[0]:
             with scope(prefix="unlabelled"):
                 self.model(x, plate="unlabelled")
         if x_labelled is not None:
             with scope(prefix="labelled"), pyro.poutine.scale(scale=labelled_scale):
-                self.model(x_labelled, y, plate="labelled")
-                self.classifier(x_labelled, y, plate="labelled_aux")
+                self.labelled_terms(x_labelled, y)
+
+    def labelled_terms(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The model's part for labelled images: ELBO(x, y)'s model and the aux term."""
+        self.model(x, y, plate="labelled")
+        self.classifier(x, y, plate="labelled_aux")
 
     def semi_guide(
         self,
@@ -190,9 +195,18 @@ class SSVAE(PyroProgram):
         return images
 
     @torch.no_grad()
+    def class_logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y|x) for features ``x``."""
+        return self.classifier_net(x)
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The most probable class under q(y|x), as indices."""
-        return self.classifier_net(self.features(images)).argmax(-1)
+        return self.class_logits_of(self.features(images)).argmax(-1)
+
+    def z_posterior(self, x: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        """q(z|x,y) for features ``x`` and one-hot ``y``."""
+        return self.posterior(self.encoder(torch.cat([x, y], -1)))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,8 +218,8 @@ class SSVAE(PyroProgram):
     def style(self, images: torch.Tensor) -> torch.Tensor:
         """z of each image: the mean of q(z|x, y) at the predicted y (a draw for flows)."""
         x = self.features(images)
-        y = nn.functional.one_hot(self.classifier_net(x).argmax(-1), self.num_classes).to(x)
-        q = self.posterior(self.encoder(torch.cat([x, y], -1)))
+        y = nn.functional.one_hot(self.class_logits_of(x).argmax(-1), self.num_classes).to(x)
+        q = self.z_posterior(x, y)
         try:
             return q.mean
         except NotImplementedError:
