@@ -90,6 +90,8 @@ class TrainConfig:
     epochs: int = option(10, "passes over the training set")
     batch_size: int = option(128, "images per SVI step")
     lr: float = option(1e-3, "Adam learning rate")
+    beta1: float = option(0.9, "Adam's decay rate of the gradient's running mean")
+    beta2: float = option(0.999, "Adam's decay rate of the squared gradient's running mean")
     seed: int = option(0, "random seed", shown="0")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto")
     seconds: float = option(0.0, "stop after this much training time (s)", shown="no limit")
@@ -374,6 +376,8 @@ def validate_training(config: Config) -> Config:
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
+        (0 <= t.beta1 < 1, "train.beta1 must be in [0, 1)"),
+        (0 <= t.beta2 < 1, "train.beta2 must be in [0, 1)"),
         (0 <= t.seed <= SEED_MAX, f"train.seed must be in 0 .. {SEED_MAX}"),
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),

@@ -123,6 +123,8 @@ def test_wrong_types_in_toml_are_refused(tree, message):
         ("inference.iw_samples", "0", "inference.iw_samples must be >= 1"),
         ("train.lr", "0", "train.lr must be a finite number > 0"),
         ("train.lr", "nan", "train.lr must be a finite number > 0"),
+        ("train.beta1", "1", "train.beta1 must be in"),
+        ("train.beta2", "nan", "train.beta2 must be in"),
         ("data.dataset", "cifar", "unknown dataset 'cifar'; choose from: digits"),
         ("data.binarize", "sometimes", "unknown binarization 'sometimes'"),
         ("train.device", "tpu", "unknown device 'tpu'"),

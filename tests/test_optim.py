@@ -55,3 +55,19 @@ def test_max_grad_norm_clips_the_global_norm_not_each_parameter():
     clipped = torch.cat([adam.state[a]["exp_avg"], adam.state[b]["exp_avg"]]) / 0.5
     torch.testing.assert_close(clipped, torch.tensor([1.2, 0.0, 0.0, 0.0, 1.6]))
     assert clipped.norm().item() == pytest.approx(2.0)
+
+
+def test_the_config_betas_reach_adam(monkeypatch):
+    from pyro_vae import fit
+    from pyro_vae.training import loop
+
+    made = []
+
+    class Recorded(loop.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.betas)
+
+    monkeypatch.setattr(loop, "Adam", Recorded)
+    fit(VAE((8, 8), latent_dim=2, hidden=(8,)), "digits", epochs=1, beta1=0.5, beta2=0.99)
+    assert made == [(0.5, 0.99)]

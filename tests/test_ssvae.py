@@ -215,3 +215,25 @@ def test_the_labelled_scale_multiplies_the_labelled_terms_of_the_step(m2, digits
     assert loss(*args) == pytest.approx(unlabelled + labelled + (7.0 - 50.0) * aux_term)
     m2.aux_per_image = 0.0
     assert loss(*args) == pytest.approx(unlabelled + labelled - 50.0 * aux_term)
+
+
+def test_each_image_is_paired_with_another_of_its_class():
+    labels = torch.tensor([3, 1, 3, 1, 3, 7])
+    assert semi.same_class_partners(labels).tolist() == [2, 3, 4, 1, 0, 5]
+
+
+def test_style_nats_is_own_z_against_a_same_class_image_z(m2, digits):
+    x, labels = digits[0][:4], torch.tensor([1, 1, 2, 2])
+    y = one_hot(labels)
+    with torch.no_grad():
+        z = m2.posterior(m2.encoder(torch.cat([x, y], -1))).mean
+
+        def log_p(z_of):
+            return m2.likelihood(m2.decoder(torch.cat([z[z_of], y], -1))).log_prob(x)
+
+        expected = (log_p([0, 1, 2, 3]) - log_p([1, 0, 3, 2])).mean().item()
+    assert semi.style_nats(m2, x, labels) == pytest.approx(expected, rel=1e-5)
+    assert abs(expected) > 1e-3, "an untrained decoder still reads z"
+    with torch.no_grad():
+        m2.decoder[0].weight[:, : m2.latent_dim] = 0  # the decoder now ignores z
+    assert semi.style_nats(m2, x, labels) == 0.0

@@ -102,6 +102,7 @@ LABELS = {
     "test_elbo": ("test ELBO", "9.2f"),
     "validation_accuracy": ("validation accuracy", ".4f"),
     "test_accuracy": ("test accuracy", ".4f"),
+    "style_nats": ("style in z", ".2f"),
 }
 
 
@@ -140,7 +141,7 @@ def run(
     writes = run_dir is not None and world.is_main
     info = log.info if world.is_main else _silent
     pyro.clear_param_store()
-    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
+    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
     elbo = model.build_estimator(config.inference.elbo, config.inference.num_particles)
     if world.distributed:
         step_fn = distributed.step(model, optimizer, elbo, data.num_train)

@@ -143,6 +143,38 @@ def elbo(model: SSVAE, images: torch.Tensor) -> float:
     return -total / len(images)
 
 
+def same_class_partners(labels: torch.Tensor) -> torch.Tensor:
+    """For each image, another image of its class: the next one of that class, cyclically
+    (itself only when it is its class's only image)."""
+    partner = torch.empty_like(labels)
+    for c in labels.unique():
+        of_class = torch.nonzero(labels == c).flatten()
+        partner[of_class] = of_class.roll(-1)
+    return partner
+
+
+@torch.no_grad()
+def style_nats(model: SSVAE, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """How much of an image's style z carries, in nats per image: the mean over ``images``
+    of log p(x_i | z_i, y_i) - log p(x_i | z_j, y_i), z_i the mean of q(z|x_i, y_i) at the
+    true class y_i and j another image of the same class. 0 when the decoder ignores z (or
+    the encoder gives every image of a class the same z): the class alone explains x."""
+    x = model.features(images)
+    y = torch.nn.functional.one_hot(labels, model.num_classes).to(x)
+    q = model.z_posterior(x, y)
+    try:
+        z = q.mean
+    except NotImplementedError:  # flows: a draw
+        z = q.sample()
+    z_other = z[same_class_partners(labels.cpu()).to(z.device)]
+    total = 0.0
+    for xb, yb, zb, ob in zip(*(t.split(EVAL_BATCH) for t in (x, y, z, z_other)), strict=True):
+        own = model.likelihood(model.decoder(torch.cat([zb, yb], -1))).log_prob(xb)
+        other = model.likelihood(model.decoder(torch.cat([ob, yb], -1))).log_prob(xb)
+        total += (own - other).sum().item()
+    return total / len(images)
+
+
 def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
     """The split ``model`` trains on (its ``labeled`` and ``validation``), computed once
     per data and seed."""
@@ -234,19 +266,23 @@ def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int,
 
 
 def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | None]:
-    """Test ELBO (y summed out), and validation and test accuracy of q(y|x)."""
+    """Test ELBO (y summed out), validation and test accuracy of q(y|x), and the style
+    that z carries (``style_nats``) on the test images."""
     parts = split_for_model(model, data, seed)
     device = data.test_images.device
     validation = None
     if len(parts.validation):
         labels = data.dataset.train_labels[parts.validation].to(device)
         validation = accuracy(model, data.fixed(parts.validation), labels)
+    test_labels = data.dataset.test_labels.to(device)
     with seeded(EVAL_SEED, device):
         test_elbo = elbo(model, data.test_images)
+        style = style_nats(model, data.test_images, test_labels)
     return {
         "test_elbo": test_elbo,
         "validation_accuracy": validation,
-        "test_accuracy": accuracy(model, data.test_images, data.dataset.test_labels.to(device)),
+        "test_accuracy": accuracy(model, data.test_images, test_labels),
+        "style_nats": style,
     }
 
 
@@ -285,8 +321,10 @@ def evaluate(model: SSVAE, data: ImageBatches, seed: int = EVAL_SEED) -> dict[st
     labels = data.dataset.test_labels.to(data.test_images.device)
     with seeded(seed, data.test_images.device):
         test_elbo = elbo(model, data.test_images)
+        style = style_nats(model, data.test_images, labels)
     return {
         "test_accuracy": accuracy(model, data.test_images, labels),
         "test_elbo": test_elbo,
+        "style_nats": style,
         "continuous": getattr(model.likelihood, "continuous", False),
     }

@@ -149,7 +149,7 @@ def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     """
     pyro.clear_param_store()
     t = config.train
-    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None)
+    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
     elbo = estimators.build(
         config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
     )
@@ -160,6 +160,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     """The one line a finished run (or an evaluation) is reported by."""
     if "test_accuracy" in summary:
         line = f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f}"
+        if summary.get("style_nats") is not None:
+            line += f"  style in z {summary['style_nats']:.2f} nats"
         if "labeled" in summary:
             line += f" ({summary['labeled']} labels)"
     else:
