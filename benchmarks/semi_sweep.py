@@ -17,24 +17,37 @@ from _common import default_data_dir, run_main
 from pyro_vae import Config, train
 from pyro_vae.training.runs import read_metrics
 
+PYRO_EXAMPLE = {"lr": 4.2e-4, "beta1": 0.95, "batch_size": 200, "aux_weight": 46.0}
+"""Pyro's examples/vae/ss_vae_M2.py as documented: -lr 4.2e-4 -b1 0.95 -bs 200 -alm 46."""
+
 SETTINGS = {
-    # name: (schedule, aux_scaling, aux_weight, lr)
-    "every-step, alpha 50": ("every-step", "absolute", 50.0, 1e-3),
-    "proportional, alpha 50": ("proportional", "absolute", 50.0, 1e-3),
-    "interleave, alpha 50": ("interleave", "absolute", 50.0, 1e-3),
-    "proportional, alpha 0.1 N": ("proportional", "data", 0.1, 1e-3),  # = alpha 50 at 100 labels
-    "proportional, alpha 500": ("proportional", "absolute", 500.0, 1e-3),
-    "interleave, alpha 500": ("interleave", "absolute", 500.0, 1e-3),
+    # name: the config's fields that differ from M2's defaults
+    "every-step, alpha 50": {},
+    "proportional, alpha 50": {"schedule": "proportional"},
+    "interleave, alpha 50": {"schedule": "interleave"},
+    # = alpha 50 at 100 labels (0.1 * 50,000 / 100)
+    "proportional, alpha 0.1 N": {
+        "schedule": "proportional",
+        "aux_scaling": "data",
+        "aux_weight": 0.1,
+    },
+    "proportional, alpha 500": {"schedule": "proportional", "aux_weight": 500.0},
+    "interleave, alpha 500": {"schedule": "interleave", "aux_weight": 500.0},
+    "every-step, intensities": {"binarize": "none"},
+    "Pyro's example": {"schedule": "interleave", "binarize": "none", **PYRO_EXAMPLE},
+    "Pyro's example, binarized": {"schedule": "interleave", **PYRO_EXAMPLE},
 }
 
 
-def config_for(args, schedule: str, scaling: str, aux: float, lr: float) -> Config:
+def config_for(args, **fields) -> Config:
     config = Config()
     config.data.dataset, config.data.data_dir = "mnist", args.data_dir
     config.model.kind, config.model.hidden, config.model.latent_dim = "m2", [500], 50
-    config.semi.labeled, config.semi.schedule = args.labels, schedule
-    config.semi.aux_scaling, config.semi.aux_weight = scaling, aux
-    config.train.epochs, config.train.seed, config.train.lr = args.epochs, args.seed, lr
+    config.semi.labeled = args.labels
+    config.train.epochs, config.train.seed = args.epochs, args.seed
+    for name, value in fields.items():
+        section = next(s for s in (config.semi, config.train, config.data) if hasattr(s, name))
+        setattr(section, name, value)
     return config
 
 
@@ -54,8 +67,8 @@ def main() -> None:
     for name, setting in SETTINGS.items():
         if args.only and name not in args.only:
             continue
-        run_dir = out / name.replace(", ", "-").replace(" ", "")
-        train(config_for(args, *setting), run_dir, overwrite=True, progress=False)
+        run_dir = out / name.replace(", ", "-").replace(" ", "").replace("'", "")
+        train(config_for(args, **setting), run_dir, overwrite=True, progress=False)
         metrics = read_metrics(run_dir)
         best = max(metrics, key=lambda m: m["validation_accuracy"])
         rows.append(
