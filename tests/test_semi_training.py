@@ -197,3 +197,18 @@ def test_m2_has_one_aux_weight_default():
     from pyro_vae import SSVAE, Config
 
     assert SSVAE((8, 8)).aux_weight == Config().semi.aux_weight == 50.0
+
+
+def test_interleaved_labelled_steps_do_not_warn_that_nothing_is_enumerated(tmp_path):
+    import warnings
+
+    config = m2_config(epochs=1)
+    config.semi.schedule = "interleave"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, tmp_path / "r", progress=False)
+    assert not [w for w in caught if semi.NOTHING_TO_ENUMERATE in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # Pyro still warns elsewhere
+        warnings.simplefilter("always")
+        semi.estimator("trace", 1).loss(lambda: None, lambda: None)
+    assert [w for w in caught if semi.NOTHING_TO_ENUMERATE in str(w.message)]

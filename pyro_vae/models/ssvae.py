@@ -256,7 +256,7 @@ class SSVAE(PyroProgram):
     def build_estimator(self, spec: str, num_particles: int):
         from ..training import semi
 
-        return semi.estimator(spec, num_particles)
+        return semi.estimator(spec, num_particles, self.schedule)
 
     def train_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
         from ..training import semi

@@ -11,8 +11,10 @@ the one training loop (``pyro_vae.fit``) through its ``fit.Trainable`` methods.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +97,33 @@ def split_for(config: Config, dataset: Dataset) -> Split:
     )
 
 
-def estimator(spec: str, num_particles: int):
+NOTHING_TO_ENUMERATE = "TraceEnum_ELBO found no sample sites configured for enumeration"
+
+
+def estimator(spec: str, num_particles: int, schedule: str = "every-step"):
     """The enumerating form of estimator ``spec`` (``trace``: TraceEnum_ELBO, ``jit-trace``:
-    its jitted twin), which sums y out for unlabelled images."""
+    its jitted twin), which sums y out for unlabelled images.
+
+    Under the ``interleave`` schedule a labelled step has no y to sum out, which Pyro
+    warns of at every such step; that warning is silenced there, and only there.
+    """
     from ..inference.elbos import estimators
 
-    return estimators.parse(spec)[0].enumerated(num_particles)
+    elbo = estimators.parse(spec)[0].enumerated(num_particles)
+    if schedule == "interleave":
+        for name in ("loss", "loss_and_grads", "differentiable_loss"):
+            setattr(elbo, name, _quiet(getattr(elbo, name)))
+    return elbo
+
+
+def _quiet(method):
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NOTHING_TO_ENUMERATE)
+            return method(*args, **kwargs)
+
+    return quiet
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
