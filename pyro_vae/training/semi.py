@@ -1,12 +1,13 @@
-"""Semi-supervised training of M2 and M1+M2: a few labels, many unlabelled images.
+"""Semi-supervised training of M2, M1+M2 and the ADGM: a few labels, many unlabelled images.
 
 The training images are split once: a validation set held out of both, a
 class-balanced labelled subset drawn with the seed, and the unlabelled rest.
 Each step is one SVI step of ``semi_model`` under Pyro's ``TraceEnum_ELBO``: an
-unlabelled batch (y summed out by enumeration) together with a labelled batch
-and its auxiliary term, so an epoch passes over every unlabelled image once and
-cycles through the labelled ones as often as it takes. ``SSVAE`` hands these to
-the one training loop (``pyro_vae.fit``) through its ``fit.Trainable`` methods.
+unlabelled batch (y summed out by enumeration), a labelled batch with its
+auxiliary term, or both, as the model's labelled schedule says
+(:func:`train_batches`); an epoch passes over every unlabelled image once.
+``SSVAE`` hands these to the one training loop (``pyro_vae.fit``) through its
+``fit.Trainable`` methods.
 """
 
 from __future__ import annotations
@@ -135,9 +136,7 @@ def labelled_batches(
 ) -> Iterator[torch.Tensor]:
     """Positions into the labelled set, ``batch_size`` at a time, reshuffled at each pass.
 
-    Every step takes one: with few labels the classifier q(y|x) sees them all
-    often, which on MNIST gave higher accuracy early on than sampling labelled
-    images in proportion to their count (see docs/RESULTS.md).
+    The ``every-step`` and ``proportional`` schedules take one at every step.
     """
     size = min(batch_size, num_labelled)
     while True:
