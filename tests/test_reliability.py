@@ -406,3 +406,18 @@ def test_a_checkpoint_from_before_the_data_generator_resumes(run_with_checkpoint
     path.write_bytes(buffer.getvalue())
     summary = resume(run_with_checkpoint, epochs=2)
     assert summary["epochs"] == 2
+
+
+def test_a_run_from_before_newer_config_fields_resumes(run_with_checkpoint):
+    """Fields added since a run was written (here this release's Adam betas and M2's
+    schedule) take their defaults, in its config.toml and its checkpoint alike."""
+    path = run_with_checkpoint / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    for section, key in (("train", "beta1"), ("train", "beta2"), ("semi", "schedule")):
+        del checkpoint["config"][section][key]
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    path.write_bytes(buffer.getvalue())
+    toml = run_with_checkpoint / "config.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines() if "beta" not in line))
+    assert resume(run_with_checkpoint, epochs=2)["epochs"] == 2
