@@ -95,3 +95,17 @@ def tiny_vae(image_shape=(8, 8), latent_dim=4, hidden=32):
                 pyro.sample("z", self.posterior(self.encoder(x)))
 
     return TinyVAE()
+
+
+def static_digits():
+    """The bundled digits' test images, binarized once, and their labels."""
+    from pyro_vae import ImageBatches, load_dataset
+
+    data = ImageBatches(load_dataset("digits"), "static")
+    return data.test_images, data.dataset.test_labels
+
+
+def one_hot(labels, n=10):
+    import torch
+
+    return torch.nn.functional.one_hot(labels, n).float()

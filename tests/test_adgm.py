@@ -12,21 +12,18 @@ from pyro.infer import TraceEnum_ELBO
 from pyro_vae import ADGM, ImageBatches, fit, load_dataset, load_run
 from pyro_vae.cli import main
 
+from .helpers import one_hot, static_digits
+
+
+@pytest.fixture
+def digits():
+    return static_digits()
+
 
 @pytest.fixture
 def adgm():
     pyro.set_rng_seed(0)
     return ADGM((8, 8), latent_dim=3, hidden=(32,))
-
-
-@pytest.fixture
-def digits():
-    data = ImageBatches(load_dataset("digits"), "static")
-    return data.test_images, data.dataset.test_labels
-
-
-def one_hot(labels, n=10):
-    return torch.nn.functional.one_hot(labels, n).float()
 
 
 def test_the_enumerated_elbo_equals_the_explicit_sum_over_classes(adgm, digits):

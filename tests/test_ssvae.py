@@ -11,6 +11,8 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro_vae import ImageBatches, PyroVAEError, load_dataset, semi
 from pyro_vae.models.ssvae import SSVAE
 
+from .helpers import one_hot, static_digits
+
 
 @pytest.fixture
 def m2():
@@ -20,12 +22,7 @@ def m2():
 
 @pytest.fixture
 def digits():
-    data = ImageBatches(load_dataset("digits"), "static")
-    return data.test_images, data.dataset.test_labels
-
-
-def one_hot(labels, n=10):
-    return torch.nn.functional.one_hot(labels, n).float()
+    return static_digits()
 
 
 def test_the_enumerated_elbo_over_y_equals_the_explicit_sum_over_classes(m2, digits):
