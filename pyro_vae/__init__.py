@@ -26,6 +26,7 @@ _EXPORTS = {  # name -> (module, attribute); attribute None: the module itself
     "Dataset": ("data", "Dataset"),
     "FitResult": ("training.loop", "FitResult"),
     "ImageBatches": ("data", "ImageBatches"),
+    "KLTerm": ("inference.kl", "KLTerm"),
     "ADGM": ("models", "ADGM"),
     "M1M2": ("models", "M1M2"),
     "PyroProgram": ("models", "PyroProgram"),

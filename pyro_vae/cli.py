@@ -363,6 +363,10 @@ def _log_handlers(quiet: bool) -> list[logging.Handler]:
     return [progress, warnings]
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def _is_main_process() -> bool:
     """Rank 0 under torchrun (or no torchrun): the process that reports."""
     return os.environ.get("RANK", "0") == "0"
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 3
     except PyroVAEError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        # one line: Pyro appends the trace's shapes to an error raised inside a program
+        print(f"{PROG} {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         from .training.memory import describe_out_of_memory, is_out_of_memory

@@ -83,6 +83,17 @@ class InferenceConfig:
     elbo: str = option("trace", "{estimator}")
     num_particles: int = option(1, "particles per ELBO estimate", "particles")
     iw_samples: int = option(100, "K for the final importance-sampled log p(x)")
+    kl_weight: float = option(
+        1.0, "beta: the weight of the KL term in training (beta-VAE); held-out numbers use 1"
+    )
+    kl_warmup: int = option(
+        0, "epochs over which the KL weight rises linearly from 0, step by step", shown="none"
+    )
+    free_bits: float = option(
+        0.0,
+        "nats per latent dimension whose KL is not penalized (Kingma et al. 2016)",
+        shown="none",
+    )
 
 
 @dataclass
@@ -383,10 +394,25 @@ def validate_training(config: Config) -> Config:
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (math.isfinite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad must be >= 0"),
         (t.compile in COMPILE_MODES, f"train.compile must be one of {', '.join(COMPILE_MODES)}"),
+        (math.isfinite(i.kl_weight) and i.kl_weight >= 0, "inference.kl_weight must be >= 0"),
+        (i.kl_warmup >= 0, "inference.kl_warmup must be >= 0"),
+        (math.isfinite(i.free_bits) and i.free_bits >= 0, "inference.free_bits must be >= 0"),
     )
     if t.device not in ("cpu", "cuda", "auto") and not t.device.startswith("cuda:"):
         raise PyroVAEError(f"unknown device {t.device!r}; choose from: cpu, cuda, cuda:N, auto")
-    estimators.parse(i.elbo)
+    entry = estimators.parse(i.elbo)[0]
+    if i.free_bits and not entry.kl_term:
+        usable = ", ".join(e.name for e in estimators.entries() if e.kl_term)
+        raise PyroVAEError(
+            f"--free-bits clamps the ELBO's KL term, which estimator {i.elbo!r} does not "
+            f"have apart; choose from: {usable}"
+        )
+    if i.kl_warmup and entry.jit:
+        raise PyroVAEError(
+            f"--kl-warmup changes the KL weight every step, and {i.elbo!r} is compiled by "
+            f"PyTorch's JIT with the weight of its first step; use "
+            f"{entry.bound_as or 'trace'} (or --compile trace)"
+        )
     return config
 
 

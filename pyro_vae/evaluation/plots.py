@@ -48,14 +48,13 @@ def elbo_curve(metrics: list[dict], path: str | Path) -> None:
     """Save train and test ELBO (nats/image) against epoch."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    trained = [m for m in metrics if m["train_elbo"] is not None]
+    # a reweighted KL term trains an objective that is no ELBO (see inference.kl)
+    key, label = ("train_elbo", "train bound")
+    if "train_objective" in metrics[0]:
+        key, label = ("train_objective", "train objective (KL reweighted)")
+    trained = [m for m in metrics if m.get(key) is not None]
     if trained:  # an estimator without a bound (tail) records none
-        ax.plot(
-            [m["epoch"] for m in trained],
-            [m["train_elbo"] for m in trained],
-            "o-",
-            label="train bound",
-        )
+        ax.plot([m["epoch"] for m in trained], [m[key] for m in trained], "o-", label=label)
     ax.plot(
         [m["epoch"] for m in metrics], [m["test_elbo"] for m in metrics], "s-", label="test ELBO"
     )

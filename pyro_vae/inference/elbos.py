@@ -44,6 +44,8 @@ estimators = Registry(
     traceable=False,
     enumerated=None,
     bound_as=None,
+    kl_term=False,
+    jit=False,
 )
 """Estimators by spec. Each entry says whether its loss is a bound (``has_bound``: held-out
 numbers and the divergence check read it), whether DDP can differentiate its loss
@@ -53,7 +55,10 @@ JIT), its enumerating form for models that sum a discrete latent
 out (``enumerated``: a function of the number of particles that returns Pyro's
 TraceEnum_ELBO or its jitted twin; None where there is none), and which estimator
 evaluates its bound on held-out data (``bound_as``, a spec with its arguments in
-braces; None: itself)."""
+braces; None: itself), whether its objective is E_q[log p(x|z)] - KL with the KL
+term apart, which free bits clamp (``kl_term``; not the importance-weighted bounds),
+and whether PyTorch's JIT compiles it at the first step, fixing whatever the host
+computes then (``jit``: a KL weight that changes in warm-up cannot reach it)."""
 
 # Our models and guides use exactly one plate (the batch); saying so spares
 # Pyro a trial run of the model to discover it.
@@ -77,28 +82,35 @@ def _enumerated(jit: bool) -> Callable[[int], ELBO]:
 
 
 @estimators.register(
-    "trace", works_under_ddp=True, traceable=True, enumerated=_enumerated(jit=False)
+    "trace", works_under_ddp=True, traceable=True, enumerated=_enumerated(jit=False), kl_term=True
 )
 def trace(num_particles: int = 1) -> ELBO:
     """Trace_ELBO: E_q[log p(x,z) - log q(z|x)] by reparameterized Monte Carlo."""
     return Trace_ELBO(**_particles(num_particles))
 
 
-@estimators.register("meanfield", works_under_ddp=True, traceable=True)
+@estimators.register("meanfield", works_under_ddp=True, traceable=True, kl_term=True)
 def meanfield(num_particles: int = 1) -> ELBO:
     """TraceMeanField_ELBO: analytic KL(q || p) where registered, Monte Carlo otherwise."""
     return TraceMeanField_ELBO(**_particles(num_particles))
 
 
 @estimators.register(
-    "jit-trace", works_under_ddp=True, enumerated=_enumerated(jit=True), bound_as="trace"
+    "jit-trace",
+    works_under_ddp=True,
+    enumerated=_enumerated(jit=True),
+    bound_as="trace",
+    kl_term=True,
+    jit=True,
 )
 def jit_trace(num_particles: int = 1) -> ELBO:
     """JitTrace_ELBO: Trace_ELBO compiled with the PyTorch JIT (traced on the first call)."""
     return JitTrace_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
-@estimators.register("jit-meanfield", works_under_ddp=True, bound_as="meanfield")
+@estimators.register(
+    "jit-meanfield", works_under_ddp=True, bound_as="meanfield", kl_term=True, jit=True
+)
 def jit_meanfield(num_particles: int = 1) -> ELBO:
     """JitTraceMeanField_ELBO: TraceMeanField_ELBO compiled with the PyTorch JIT."""
     return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)

@@ -32,6 +32,8 @@ import pyro.infer.traceenum_elbo
 import torch
 from torch import nn
 
+from ..inference.kl import KLTerm
+
 log = logging.getLogger(__name__)
 
 MODES = ("none", "trace", "inductor")
@@ -65,13 +67,12 @@ class _Loss(nn.Module):
     """The ELBO's differentiable loss of a model's step program, as a module over its
     parameters (so ``functional_call`` can put the traced inputs in their place)."""
 
-    def __init__(self, model: nn.Module, elbo: Any):
+    def __init__(self, model: nn.Module, program: tuple[Callable, Callable], elbo: Any):
         super().__init__()
-        self.model, self.elbo = model, elbo
+        self.model, self.program, self.elbo = model, program, elbo
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        program, guide = self.model.svi_program()
-        return self.elbo.differentiable_loss(program, guide, *args)
+        return self.elbo.differentiable_loss(*self.program, *args)
 
 
 class TracedStep:
@@ -82,11 +83,24 @@ class TracedStep:
         elbo: its estimator; it needs a ``differentiable_loss``.
         optimizer: the Adam that applies the gradients (``inference.optim.Adam``).
         mode: ``"trace"`` or ``"inductor"`` (see the module's docstring).
+        program: the model and guide of its step (default: ``model.svi_program()``),
+            under the KL term's handlers.
+        kl: the KL term (default: none); its weight, which warm-up changes, is an input
+            of the graph.
     """
 
-    def __init__(self, model: nn.Module, elbo: Any, optimizer: Callable, mode: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        elbo: Any,
+        optimizer: Callable,
+        mode: str,
+        program: tuple[Callable, Callable] | None = None,
+        kl: KLTerm | None = None,
+    ):
         self.model, self.optimizer, self.mode = model, optimizer, mode
-        self.loss = _Loss(model, elbo)
+        self.kl = kl or KLTerm()
+        self.loss = _Loss(model, program or model.svi_program(), elbo)
         named = [(n, p) for n, p in self.loss.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -94,11 +108,16 @@ class TracedStep:
         model.register("guide")
         self.graphs: dict[tuple, Callable] = {}
 
-    def _loss_and_grads(self, params: list[torch.Tensor], *args: torch.Tensor):
-        loss = torch.func.functional_call(
-            self.loss, dict(zip(self.names, params, strict=True)), args
-        )
+    def _loss_and_grads(self, params: list[torch.Tensor], weight: torch.Tensor, *args):
+        with self.kl.weighted(weight):
+            loss = torch.func.functional_call(
+                self.loss, dict(zip(self.names, params, strict=True)), args
+            )
         return loss, torch.autograd.grad(loss, params)
+
+    def _weight(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The KL weight in force, as the graph's input (on the batch's device)."""
+        return torch.tensor(float(self.kl.weight), device=args[0].device)
 
     def graph(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """The graph for batches shaped like ``args``: traced (and compiled) on first use."""
@@ -115,7 +134,7 @@ class TracedStep:
                 _tracing(self),
                 pyro.validation_enabled(False),
             ):
-                graph = make_fx(self._loss_and_grads)(self.params, *args)
+                graph = make_fx(self._loss_and_grads)(self.params, self._weight(args), *args)
             if self.mode == "inductor":
                 import torch._inductor.config as inductor
 
@@ -126,7 +145,7 @@ class TracedStep:
         return self.graphs[key]
 
     def __call__(self, *args: torch.Tensor) -> float:
-        loss, grads = self.graph(args)(self.params, *args)
+        loss, grads = self.graph(args)(self.params, self._weight(args), *args)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         self.optimizer(self.params)
@@ -144,7 +163,14 @@ def _tracing(step: TracedStep) -> Iterator[None]:
 
 
 def traced_step(
-    model: nn.Module, elbo: Any, optimizer: Callable, mode: str, args: tuple, spec: str
+    model: nn.Module,
+    elbo: Any,
+    optimizer: Callable,
+    mode: str,
+    args: tuple,
+    spec: str,
+    program: tuple[Callable, Callable] | None = None,
+    kl: KLTerm | None = None,
 ) -> TracedStep | None:
     """A :class:`TracedStep`, or None (with a one-line notice) where the step cannot be
     traced: an estimator whose registry entry is not ``traceable`` (its gradients only
@@ -158,7 +184,7 @@ def traced_step(
     if pyro.poutine.util.is_validation_enabled():
         log.warning("--compile: Pyro's validation (--validate) cannot be traced; training eagerly")
         return None
-    step = TracedStep(model, elbo, optimizer, mode)
+    step = TracedStep(model, elbo, optimizer, mode, program, kl)
     try:
         step.graph(args)
     except Exception as e:  # what Pyro, PyTorch or a component raises on a traced value

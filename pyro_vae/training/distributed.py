@@ -74,14 +74,15 @@ def parameters_agree(world: World, module: nn.Module) -> bool:
 
 
 class Program(nn.Module):
-    """``vae.model`` or ``vae.guide`` as a module, so ``ELBOModule`` and DDP see its parameters."""
+    """A model's step program (its model or its guide) as a module, so ``ELBOModule`` and DDP
+    see the model's parameters."""
 
-    def __init__(self, vae: nn.Module, which: str):
+    def __init__(self, vae: nn.Module, fn):
         super().__init__()
-        self.vae, self.which = vae, which
+        self.vae, self.fn = vae, fn
 
     def forward(self, *args, **kwargs):
-        return getattr(self.vae, self.which)(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
 
 def check_supported(spec: str) -> None:
@@ -109,7 +110,7 @@ def finish(world: World) -> None:
         dist.destroy_process_group()
 
 
-def step(model, optimizer, elbo, size: int):
+def step(model, program, optimizer, elbo, size: int):
     """One training step under torchrun: Pyro's ELBO as a module, gradients averaged by DDP.
 
     The plate's size is the training set's, so each rank's loss estimates the ELBO of
@@ -118,8 +119,8 @@ def step(model, optimizer, elbo, size: int):
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    program, guide = model.svi_program()
-    loss_module = elbo(Program(model, program.__name__), Program(model, guide.__name__))
+    model_fn, guide_fn = program
+    loss_module = elbo(Program(model, model_fn), Program(model, guide_fn))
     ddp = DistributedDataParallel(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -30,6 +30,7 @@ from ..config import Config
 from ..data import ImageBatches
 from ..inference.divergence import Guard
 from ..inference.elbos import has_bound
+from ..inference.kl import KLTerm
 from ..inference.optim import Adam
 from . import distributed
 from .runs import (
@@ -98,11 +99,13 @@ class Batches:
 
 LABELS = {
     "train_elbo": ("train ELBO", "9.2f"),
+    "train_objective": ("train objective", "9.2f"),
     "train_loss": ("train loss", "9.2f"),
     "test_elbo": ("test ELBO", "9.2f"),
     "validation_accuracy": ("validation accuracy", ".4f"),
     "test_accuracy": ("test accuracy", ".4f"),
     "style_nats": ("style in z", ".2f"),
+    "kl_weight": ("KL weight", ".3g"),
 }
 
 
@@ -143,12 +146,15 @@ def run(
     pyro.clear_param_store()
     optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
     elbo = model.build_estimator(config.inference.elbo, config.inference.num_particles)
+    i = config.inference
+    kl = KLTerm(i.kl_weight, i.kl_warmup, i.free_bits)
+    program = kl.wrap(*model.svi_program())
     if world.distributed:
-        step_fn = distributed.step(model, optimizer, elbo, data.num_train)
+        step_fn = distributed.step(model, program, optimizer, elbo, data.num_train)
     else:
-        step_fn = SVI(*model.svi_program(), optimizer, loss=elbo).step
+        step_fn = SVI(*program, optimizer, loss=elbo).step
         if t.compile != "none":
-            step_fn = _compiled(step_fn, model, elbo, optimizer, config)
+            step_fn = _compiled(step_fn, model, program, kl, elbo, optimizer, config)
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -185,6 +191,7 @@ def run(
                 disable=None if progress and world.is_main else True,
             )
             for step, args in enumerate(bar, 1):
+                kl.weight = kl.at(epoch - 1 + step / len(batches))
                 total_loss += guard.step(step_fn, *args, epoch=epoch, step=step)
                 images += len(args[0])
                 if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
@@ -198,7 +205,7 @@ def run(
             total_loss, images = distributed.all_sum(world, total_loss, images, device=data.device)
             record = {
                 "epoch": epoch,
-                **model.train_record(total_loss / images if reports_bound else None),
+                **_train_record(model, kl, epoch, total_loss / images if reports_bound else None),
                 **model.held_out(data, config, world),
                 "seconds": seconds,
                 "images_per_second": images / seconds,
@@ -242,7 +249,19 @@ def _silent(*_: Any) -> None:
     pass
 
 
-def _compiled(eager: Callable, model, elbo, optimizer, config: Config) -> Callable:
+def _train_record(model: Trainable, kl: KLTerm, epoch: int, mean_loss: float | None) -> dict:
+    """The model's training numbers; when the KL term is reweighted, the bound trained is
+    no ELBO (``train_objective``) and the weight at the epoch's end is recorded."""
+    record = model.train_record(mean_loss)
+    if not kl.modified:
+        return record
+    renamed = {("train_objective" if k == "train_elbo" else k): v for k, v in record.items()}
+    return {**renamed, "kl_weight": kl.at(epoch)}
+
+
+def _compiled(
+    eager: Callable, model, program, kl: KLTerm, elbo, optimizer, config: Config
+) -> Callable:
     """The traced step (``--compile``), made at the first batch; the eager one where the
     step cannot be traced (said once)."""
     from .compiled import traced_step
@@ -252,7 +271,8 @@ def _compiled(eager: Callable, model, elbo, optimizer, config: Config) -> Callab
     def step(*args):
         if not chosen:
             mode, spec = config.train.compile, config.inference.elbo
-            chosen.append(traced_step(model, elbo, optimizer, mode, args, spec) or eager)
+            traced = traced_step(model, elbo, optimizer, mode, args, spec, program, kl)
+            chosen.append(traced or eager)
         return chosen[0](*args)
 
     return step

@@ -25,6 +25,7 @@ from ..config import load as load_config
 from ..data import ImageBatches, load_dataset
 from ..errors import PyroVAEError
 from ..inference.elbos import estimators
+from ..inference.kl import KLTerm
 from ..inference.optim import Adam
 from ..models import VAE
 from . import distributed, loop
@@ -138,22 +139,20 @@ def resume(
     ).summary
 
 
-def _without_epochs(tree: dict) -> dict:
-    return {**tree, "train": {k: v for k, v in tree["train"].items() if k != "epochs"}}
-
-
 def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     """The SVI object training uses, with its optimizer and estimator; a fresh param store.
 
-    ``svi.step(x)`` is one training step; benchmarks time exactly this.
+    ``svi.step(x)`` is one training step; benchmarks time exactly this. The KL weight and
+    free bits apply; a warm-up, which the loop advances step by step, is refused.
     """
+    i, t = config.inference, config.train
+    if i.kl_warmup:
+        raise PyroVAEError("make_svi has no loop to advance --kl-warmup; use fit")
     pyro.clear_param_store()
-    t = config.train
     optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
-    elbo = estimators.build(
-        config.inference.elbo, num_particles=config.inference.num_particles, data_dim=vae.data_dim
-    )
-    return SVI(vae.model, vae.guide, optimizer, loss=elbo), optimizer, elbo
+    elbo = estimators.build(i.elbo, num_particles=i.num_particles, data_dim=vae.data_dim)
+    program = KLTerm(i.kl_weight, free_bits=i.free_bits).wrap(vae.model, vae.guide)
+    return SVI(*program, optimizer, loss=elbo), optimizer, elbo
 
 
 def summary_line(summary: dict[str, Any]) -> str:
