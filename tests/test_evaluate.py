@@ -69,3 +69,54 @@ def test_log_likelihood_converges_to_the_exact_marginal_of_a_tiny_vae():
 
     estimate = log_likelihood(vae, x, 20_000)
     assert estimate == pytest.approx(exact.mean().item(), abs=0.01)
+
+
+@pytest.mark.parametrize("components", [{}, {"prior": "mog:3"}, {"guide": "iaf:1"}])
+def test_the_elbos_terms_come_from_the_same_draws_as_the_test_elbo(components):
+    from pyro_vae import VAE
+    from pyro_vae.evaluation.evaluate import test_elbo, test_elbo_terms
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,), **components)
+    x = ImageBatches(load_dataset("digits")).test_images
+    terms = test_elbo_terms(vae, x, seed=3)
+    assert terms["elbo"] == test_elbo(vae, x, seed=3)
+    if components:  # no closed-form KL for the pair: recon - kl is the ELBO's own draw
+        assert terms["recon"] - terms["kl"] == pytest.approx(terms["elbo"], rel=1e-6)
+    else:  # KL(N(mu, sigma) || N(0, 1)) in closed form, from the encoder's outputs
+        q = vae.encode(x)
+        mu, sigma = q.base_dist.loc, q.base_dist.scale
+        kl = 0.5 * (mu**2 + sigma**2 - 1 - 2 * sigma.log()).sum(-1).mean()
+        assert terms["kl"] == pytest.approx(kl.item(), rel=1e-5)
+        # recon is log p(x|z) at the ELBO's draw: the ELBO plus that draw's log q - log p
+        with evaluate_seeded(3):
+            g = pyro.poutine.trace(vae.guide).get_trace(x)
+        z = g.nodes["z"]["value"]
+        mc_kl = (g.nodes["z"]["fn"].log_prob(z) - vae.prior().log_prob(z)).mean()
+        assert terms["recon"] == pytest.approx(terms["elbo"] + mc_kl.item(), rel=1e-5)
+
+
+def evaluate_seeded(seed):
+    from pyro_vae.evaluation.evaluate import seeded
+
+    return seeded(seed)
+
+
+def test_each_epoch_records_the_terms_on_fixed_training_images_and_the_test_set():
+    from pyro_vae import VAE, fit
+    from pyro_vae.evaluation.evaluate import test_elbo_terms
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    result = fit(VAE((8, 8), latent_dim=4, hidden=(16,)), "digits", epochs=1, iw_samples=5)
+    record = result.metrics[-1]
+    data = ImageBatches(load_dataset("digits"))
+    train = test_elbo_terms(result.model, data.fixed(torch.arange(data.num_train)))
+    test = test_elbo_terms(result.model, data.test_images)
+    assert (record["train_recon"], record["train_kl"]) == (train["recon"], train["kl"])
+    assert [record[f"test_{k}"] for k in ("elbo", "recon", "kl")] == [
+        test["elbo"],
+        test["recon"],
+        test["kl"],
+    ]

@@ -34,6 +34,10 @@ _module.register_module_module_registration_hook(_module_structure_changed)
 _module.register_module_parameter_registration_hook(_module_structure_changed)
 
 
+TRAIN_TERMS_IMAGES = 10_000
+"""Training images on which each epoch's ELBO terms are measured (MNIST: a sixth)."""
+
+
 class PyroProgram(nn.Module):
     """An ``nn.Module`` whose parameters enter Pyro's param store under ``pyro_name``.
 
@@ -134,14 +138,22 @@ class PyroProgram(nn.Module):
         return {"train_elbo": None if mean_loss is None else -mean_loss}
 
     def held_out(self, data, config, world) -> dict:
-        """The test ELBO, its draws seeded (so it does not move the training stream)."""
+        """The ELBO's two terms on (up to 10,000) training images, binarized once as the test
+        set is, and the test ELBO with its terms (``evaluate.elbo_terms``); draws seeded, so
+        they do not move the training stream."""
         from ..evaluation import evaluate
         from ..training.loop import sharded
 
+        train = data.fixed(torch.arange(min(data.num_train, TRAIN_TERMS_IMAGES)))
+        record = {
+            f"train_{k}": v
+            for k, v in sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train).items()
+            if k != "elbo"
+        }
         if data.test_images is None or not len(data.test_images):
-            return {"test_elbo": None}
-        test_elbo = sharded(world, lambda x: evaluate.test_elbo(self, x), data.test_images)
-        return {"test_elbo": test_elbo}
+            return {**record, "test_elbo": None}
+        test = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), data.test_images)
+        return {**record, **{f"test_{k}": v for k, v in test.items()}}
 
     def summary(self, data, metrics: list, config, world) -> dict:
         """log p(x) by importance sampling with the config's K, seeded like the test ELBO."""
@@ -173,7 +185,7 @@ class PyroProgram(nn.Module):
 
         test = data.test_images
         return {
-            "test_elbo": evaluate.test_elbo(self, test, seed),
+            **{f"test_{k}": v for k, v in evaluate.test_elbo_terms(self, test, seed).items()},
             "log_px": evaluate.test_log_likelihood(self, test, iw_samples, seed, progress=progress),
             "iw_samples": iw_samples,
             "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),

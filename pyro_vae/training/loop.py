@@ -101,7 +101,11 @@ LABELS = {
     "train_elbo": ("train ELBO", "9.2f"),
     "train_objective": ("train objective", "9.2f"),
     "train_loss": ("train loss", "9.2f"),
+    "train_recon": ("train recon", "9.2f"),
+    "train_kl": ("train KL", "7.2f"),
     "test_elbo": ("test ELBO", "9.2f"),
+    "test_recon": ("test recon", "9.2f"),
+    "test_kl": ("test KL", "7.2f"),
     "validation_accuracy": ("validation accuracy", ".4f"),
     "test_accuracy": ("test accuracy", ".4f"),
     "style_nats": ("style in z", ".2f"),
@@ -278,13 +282,17 @@ def _compiled(
     return step
 
 
-def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *args) -> float:
-    """A per-image average over ``images``, each process measuring its share."""
+def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *args) -> Any:
+    """A per-image average over ``images``, each process measuring its share: a number, or
+    a dict of numbers when ``measure`` returns one."""
     mine = images[world.rank :: world.size]
-    total, count = distributed.all_sum(
-        world, measure(mine, *args) * len(mine), len(mine), device=images.device
+    measured = measure(mine, *args)
+    values = measured if isinstance(measured, dict) else {"": measured}
+    *totals, count = distributed.all_sum(
+        world, *(v * len(mine) for v in values.values()), len(mine), device=images.device
     )
-    return total / count
+    averages = {k: total / count for k, total in zip(values, totals, strict=True)}
+    return averages if isinstance(measured, dict) else averages[""]
 
 
 @dataclass

@@ -164,8 +164,11 @@ def summary_line(summary: dict[str, Any]) -> str:
         if "labeled" in summary:
             line += f" ({summary['labeled']} labels)"
     else:
+        terms = ""
+        if summary.get("test_kl") is not None:
+            terms = f" (recon {summary['test_recon']:.2f}, KL {summary['test_kl']:.2f})"
         line = (
-            f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} "
+            f"test ELBO {summary['test_elbo']:.2f}{terms}  log p(x) {summary['log_px']:.2f} "
             f"(K={summary['iw_samples']}) nats/image"
         )
     if summary.get("continuous") or summary["test_elbo"] > 0:
