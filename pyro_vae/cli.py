@@ -197,6 +197,12 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--data-dir", help="folder with the data (default: as trained)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     _add_run_plugin_flag(p)
+    p.add_argument(
+        "--per-image",
+        metavar="FILE.npy",
+        help="write each test image's log p(x) there (float64, test-set order), for a "
+        "paired comparison of two runs",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -303,6 +309,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         plugins=args.plugin,
         progress=not args.quiet,
+        per_image=args.per_image,
     )
     if args.json:
         print(json.dumps(result, indent=2))

@@ -131,7 +131,11 @@ def test_compare_runs_three_estimators_and_writes_all_three_files(tmp_path):
     snr = {r["estimator"]: float(r["snr_encoder"]) for r in table}
     assert snr["scorefn"] < 0.75 * snr["trace"], "score-function gradients are the noisier"
     assert float(table[1]["own_bound"]) > float(table[0]["own_bound"]) - 0.5  # IWAE-3 >= ELBO
-    assert "| `iwae:3` |" in (tmp_path / "cmp" / "compare.md").read_text()
+    markdown = (tmp_path / "cmp" / "compare.md").read_text()
+    for r in table:  # each mean with its standard error over the test images
+        log_px, se = float(r["log_px"]), float(r["log_px_se"])
+        assert f"| `{r['estimator']}` |" in markdown and f"{log_px:.2f} ± {se:.2f}" in markdown
+        assert f"{float(r['test_elbo']):.2f} ± {float(r['test_elbo_se']):.2f}" in markdown
 
 
 def test_a_seconds_budget_stops_training_at_the_step_that_spends_it(tmp_path, monkeypatch):

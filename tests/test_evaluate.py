@@ -120,3 +120,45 @@ def test_each_epoch_records_the_terms_on_fixed_training_images_and_the_test_set(
         test["recon"],
         test["kl"],
     ]
+
+
+def test_evaluate_writes_per_image_log_px_whose_mean_and_standard_error_it_reports(
+    trained_run, tmp_path
+):
+    import shutil
+
+    import numpy as np
+
+    from pyro_vae.evaluation.evaluate import evaluate_run, seeded
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    result = evaluate_run(run, iw_samples=20, per_image=tmp_path / "px.npy")
+    values = np.load(tmp_path / "px.npy")
+    assert values.shape == (297,) and values.dtype == np.float64
+    assert result["log_px"] == pytest.approx(values.mean(), rel=1e-12)
+    assert result["log_px_se"] == pytest.approx(values.std(ddof=1) / np.sqrt(297), rel=1e-9)
+
+    # the ELBO's standard error, from each image's log p(x, z) - log q(z|x) at its draw
+    vae, x = load_run(run), ImageBatches(load_dataset("digits")).test_images
+    with seeded(0), torch.no_grad():
+        g = pyro.poutine.trace(vae.guide).get_trace(x)
+        m = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=g)).get_trace(x)
+        per_image = m.nodes["x"]["fn"].log_prob(x) + m.nodes["z"]["fn"].log_prob(
+            g.nodes["z"]["value"]
+        )
+        per_image -= g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"])
+    assert result["test_elbo"] == pytest.approx(per_image.mean().item(), rel=1e-6)
+    assert result["test_elbo_se"] == pytest.approx(
+        per_image.double().std().item() / np.sqrt(297), rel=1e-5
+    )
+
+
+def test_per_image_is_refused_where_it_cannot_be_written(trained_run, tmp_path):
+    from pyro_vae import PyroVAEError
+    from pyro_vae.evaluation.evaluate import evaluate_run
+
+    with pytest.raises(PyroVAEError, match="does not exist"):
+        evaluate_run(trained_run, per_image=tmp_path / "no" / "px.npy")
+    with pytest.raises(PyroVAEError, match=r"\.npy file"):
+        evaluate_run(trained_run, per_image=tmp_path / "px.csv")

@@ -41,7 +41,9 @@ COLUMNS = [
     "train_seconds",
     "images_per_second",
     "test_elbo",
+    "test_elbo_se",
     "log_px",
+    "log_px_se",
     "iw_samples",
     "own_bound",
     "snr_encoder",
@@ -169,7 +171,9 @@ def compare(
                 "train_seconds": sum(m["seconds"] for m in metrics),
                 "images_per_second": summary["train_images_per_second"],
                 "test_elbo": summary["test_elbo"],
+                "test_elbo_se": summary["test_elbo_se"],
                 "log_px": summary["log_px"],
+                "log_px_se": summary["log_px_se"],
                 "iw_samples": summary["iw_samples"],
                 "own_bound": bound,
                 "snr_encoder": snr["encoder"],
@@ -205,12 +209,16 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
 
     k = rows[0]["iw_samples"]
     header = [
-        "estimator", "epochs", "train s", "images/s", "test ELBO", f"log p(x), K={k}",
-        "own bound", "SNR encoder", "SNR decoder",
+        "estimator", "epochs", "train s", "images/s", "test ELBO ± s.e.",
+        f"log p(x), K={k}, ± s.e.", "own bound", "SNR encoder", "SNR decoder",
     ]  # fmt: skip
+    shown = [c for c in COLUMNS[1:] if c not in ("iw_samples", "test_elbo_se", "log_px_se")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [f"`{r['estimator']}`"] + [_cell(r[c]) for c in COLUMNS[1:] if c != "iw_samples"]
+        cells = [f"`{r['estimator']}`"]
+        for c in shown:
+            se = r.get(f"{c}_se")
+            cells.append(_cell(r[c]) + (f" ± {se:.2f}" if se is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write(out / "compare.md", ("\n".join(lines) + "\n").encode())
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import inspect
+import io
 import json
 import math
 import time
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -41,8 +44,11 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, f
     closed form where PyTorch or Pyro has one for the pair (the default VAE's
     diagonal Normals), else log q(z|x) - log p(z) at the same z. So ``recon - kl``
     equals ``elbo`` within Monte Carlo error, exactly where no closed form exists.
+    ``elbo_sq`` is the mean of the per-image ELBOs' squares, for their standard error
+    (:func:`standard_error_of`), also when images are shared among processes (None for a
+    program with sites outside the data plate).
     """
-    totals = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
+    totals = {"elbo": 0.0, "recon": 0.0, "kl": 0.0, "elbo_sq": 0.0}
     for xb in x.split(batch_size):
         guide = prune_subsample_sites(poutine.trace(vae.guide).get_trace(xb))
         model = prune_subsample_sites(
@@ -51,6 +57,11 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, f
         model.compute_log_prob()
         guide.compute_log_prob()
         totals["elbo"] += torch_item(model.log_prob_sum()) - torch_item(guide.log_prob_sum())
+        per_image = _per_image(model, guide, len(xb))
+        if per_image is None or totals["elbo_sq"] is None:
+            totals["elbo_sq"] = None
+        else:
+            totals["elbo_sq"] += per_image.double().square().sum().item()
         for name, site in model.nodes.items():
             if site["type"] != "sample":
                 continue
@@ -62,7 +73,29 @@ def elbo_terms(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, f
                 totals["kl"] += torch_item(kl_divergence(q["fn"], site["fn"]).sum())
             except NotImplementedError:
                 totals["kl"] += torch_item(q["log_prob_sum"] - site["log_prob_sum"])
-    return {k: v / len(x) for k, v in totals.items()}
+    return {k: None if v is None else v / len(x) for k, v in totals.items()}
+
+
+def _per_image(model: poutine.Trace, guide: poutine.Trace, size: int) -> torch.Tensor | None:
+    """log p(x, z) - log q(z|x) of each image, from traces whose sites are all in the data
+    plate (None where a site is not: a global latent has no per-image share)."""
+    total = torch.zeros(size)
+    for trace, sign in ((model, 1), (guide, -1)):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                if site["log_prob"].shape != (size,):
+                    return None
+                total = total + sign * site["log_prob"]
+    return total
+
+
+def standard_error_of(mean: float, mean_of_squares: float | None, n: int) -> float | None:
+    """The standard error of a mean over ``n`` values, from their mean and the mean of their
+    squares (the sample standard deviation over sqrt(n)); None where unknown."""
+    if mean_of_squares is None or n < 2:
+        return None
+    variance = max(0.0, mean_of_squares - mean * mean) * n / (n - 1)
+    return math.sqrt(variance / n)
 
 
 def _malloc_trim():
@@ -169,6 +202,15 @@ def test_log_likelihood(
         return log_likelihood(vae, x, num_samples, **options)
 
 
+def test_log_likelihood_per_image(
+    vae: VAE, x: torch.Tensor, num_samples: int, seed: int = EVAL_SEED, **options: Any
+) -> torch.Tensor:
+    """:func:`log_likelihood_per_image` with its draws seeded, as :func:`test_log_likelihood`
+    (whose number is this tensor's mean)."""
+    with seeded(seed, x.device):
+        return log_likelihood_per_image(vae, x, num_samples, **options)
+
+
 def _chunks(vae: VAE, x: torch.Tensor, num_samples: int, max_elements: int) -> tuple[int, int, int]:
     """Images per batch, samples per chunk (at most ``max_elements`` values per layer), and
     the number of chunks."""
@@ -188,6 +230,40 @@ def _refuse_if_too_slow(seconds: float, chunks: int, num_samples: int, n: int, l
         )
 
 
+def _per_image_batches(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    max_elements: int,
+    max_seconds: float,
+    progress: bool,
+) -> Iterator[torch.Tensor]:
+    """Importance-sampled log p(x) of each image, batch after batch (see
+    :func:`log_likelihood`)."""
+    batch, chunk, chunks = _chunks(vae, x, num_samples, max_elements)
+    bar = tqdm(
+        total=chunks,
+        desc=f"log p(x), K={num_samples}",
+        leave=False,
+        disable=None if progress else True,
+    )
+    started, done = time.perf_counter(), 0
+    for xb in x.split(batch):
+        parts = []
+        for start in range(0, num_samples, chunk):
+            parts.append(
+                torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
+            )
+            release_freed_memory()
+            done += 1
+            bar.update()
+            if done == 1:
+                seconds = time.perf_counter() - started
+                _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
+        yield torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
+    bar.close()
+
+
 @torch.no_grad()
 def log_likelihood(
     vae: VAE,
@@ -205,30 +281,26 @@ def log_likelihood(
     combined with logsumexp, which leaves the estimate unchanged. The first chunk is
     timed, and a K that would take more than ``max_seconds`` is refused then.
     """
-    batch, chunk, chunks = _chunks(vae, x, num_samples, max_elements)
-    bar = tqdm(
-        total=chunks,
-        desc=f"log p(x), K={num_samples}",
-        leave=False,
-        disable=None if progress else True,
+    per_image = log_likelihood_per_image(
+        vae, x, num_samples, max_elements, max_seconds=max_seconds, progress=progress
     )
-    started, done, total = time.perf_counter(), 0, 0.0
-    for xb in x.split(batch):
-        parts = []
-        for start in range(0, num_samples, chunk):
-            parts.append(
-                torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
-            )
-            release_freed_memory()
-            done += 1
-            bar.update()
-            if done == 1:
-                seconds = time.perf_counter() - started
-                _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
-        per_image = torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
-        total += per_image.sum().item()
-    bar.close()
-    return total / len(x)
+    return per_image.mean().item()
+
+
+@torch.no_grad()
+def log_likelihood_per_image(
+    vae: VAE,
+    x: torch.Tensor,
+    num_samples: int,
+    max_elements: int = MAX_ELEMENTS,
+    *,
+    max_seconds: float = ONE_DAY,
+    progress: bool = False,
+) -> torch.Tensor:
+    """:func:`log_likelihood` image by image: a float64 tensor of shape (N,) on the CPU, in
+    the order of ``x`` (for paired comparisons of two models on the same images)."""
+    batches = _per_image_batches(vae, x, num_samples, max_elements, max_seconds, progress)
+    return torch.cat([b.double().cpu() for b in batches])
 
 
 def check_log_likelihood_time(
@@ -259,8 +331,12 @@ def evaluate_run(
     seed: int = EVAL_SEED,
     plugins: list[str] | None = None,
     progress: bool = False,
+    per_image: str | Path | None = None,
 ) -> dict[str, Any]:
     """Test ELBO and log p(x) of a run on its test set, with draws seeded by ``seed``.
+
+    ``per_image``: a ``.npy`` file to write each test image's log p(x) to (float64, in
+    the test set's order), for paired comparisons of two runs on the same images.
 
     For a semi-supervised run (M2, M1+M2): test accuracy and the ELBO with y summed out.
     The result is added to the run's ``summary.json`` under ``evaluations`` (one entry
@@ -272,10 +348,21 @@ def evaluate_run(
     """
     from ..data import ImageBatches, load_dataset
     from ..training.devices import resolve_device
-    from ..training.runs import SUMMARY_FILE, load_run, write_json
+    from ..training.runs import SUMMARY_FILE, atomic_write, load_run, write_json
 
+    if per_image is not None:
+        per_image = Path(per_image)
+        if per_image.suffix != ".npy":
+            raise PyroVAEError(f"--per-image writes a NumPy .npy file; got {per_image}")
+        if not per_image.parent.is_dir():
+            raise PyroVAEError(f"folder {per_image.parent} does not exist")
     device = resolve_device(device)
     vae = load_run(run_dir, device, plugins=plugins)
+    if per_image is not None and "per_image" not in inspect.signature(vae.evaluate).parameters:
+        raise PyroVAEError(
+            f"--per-image writes log p(x) per image, which a {type(vae).__name__} run does "
+            f"not estimate"
+        )
     config = vae.config
     k = config.inference.iw_samples if iw_samples is None else iw_samples
     if k < 1:
@@ -283,7 +370,14 @@ def evaluate_run(
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
     data = ImageBatches(dataset, config.data.binarize, device)
     start = time.perf_counter()
-    result = vae.evaluate(data, k, seed, progress)
+    values: dict[str, torch.Tensor] = {}
+    options = {} if per_image is None else {"per_image": values}
+    result = vae.evaluate(data, k, seed, progress, **options)
+    if per_image is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, values["log_px"].numpy())
+        atomic_write(per_image, buffer.getvalue())
+        result["per_image"] = str(per_image)
     result["seed"] = seed
     result["eval_seconds"] = time.perf_counter() - start
     summary_path = Path(run_dir) / SUMMARY_FILE

@@ -144,16 +144,21 @@ class PyroProgram(nn.Module):
         from ..evaluation import evaluate
         from ..training.loop import sharded
 
-        train = data.fixed(torch.arange(min(data.num_train, TRAIN_TERMS_IMAGES)))
-        record = {
-            f"train_{k}": v
-            for k, v in sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train).items()
-            if k != "elbo"
-        }
-        if data.test_images is None or not len(data.test_images):
+        train_images = data.fixed(torch.arange(min(data.num_train, TRAIN_TERMS_IMAGES)))
+        train = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train_images)
+        record = {"train_recon": train["recon"], "train_kl": train["kl"]}
+        test_images = data.test_images
+        if test_images is None or not len(test_images):
             return {**record, "test_elbo": None}
-        test = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), data.test_images)
-        return {**record, **{f"test_{k}": v for k, v in test.items()}}
+        test = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), test_images)
+        se = evaluate.standard_error_of(test["elbo"], test["elbo_sq"], len(test_images))
+        return {
+            **record,
+            "test_elbo": test["elbo"],
+            "test_elbo_se": se,
+            "test_recon": test["recon"],
+            "test_kl": test["kl"],
+        }
 
     def summary(self, data, metrics: list, config, world) -> dict:
         """log p(x) by importance sampling with the config's K, seeded like the test ELBO."""
@@ -164,11 +169,16 @@ class PyroProgram(nn.Module):
             return {}
         k = config.inference.iw_samples
         started = time.perf_counter()
-        log_px = sharded(
-            world, lambda x: evaluate.test_log_likelihood(self, x, k), data.test_images
-        )
+
+        def measure(x):
+            per_image = evaluate.test_log_likelihood_per_image(self, x, k)
+            return {"mean": per_image.mean().item(), "sq": per_image.square().mean().item()}
+
+        log_px = sharded(world, measure, data.test_images)
+        n = len(data.test_images)
         return {
-            "log_px": log_px,
+            "log_px": log_px["mean"],
+            "log_px_se": evaluate.standard_error_of(log_px["mean"], log_px["sq"], n),
             "iw_samples": k,
             "eval_seconds": time.perf_counter() - started,
             "likelihood": config.model.likelihood,
@@ -179,14 +189,28 @@ class PyroProgram(nn.Module):
         """What a checkpoint keeps beside the weights to rebuild this model: nothing."""
         return {}
 
-    def evaluate(self, data, iw_samples: int, seed: int, progress: bool = False) -> dict:
-        """Held-out numbers of a trained model (``pyro-vae evaluate``), draws seeded."""
+    def evaluate(
+        self, data, iw_samples: int, seed: int, progress: bool = False, per_image: dict = None
+    ) -> dict:
+        """Held-out numbers of a trained model (``pyro-vae evaluate``), draws seeded; with
+        ``per_image`` (a dict), its ``"log_px"`` is set to each test image's log p(x)."""
         from ..evaluation import evaluate
 
         test = data.test_images
+        terms = evaluate.test_elbo_terms(self, test, seed)
+        log_px = evaluate.test_log_likelihood_per_image(
+            self, test, iw_samples, seed, progress=progress
+        )
+        if per_image is not None:
+            per_image["log_px"] = log_px
+        mean = log_px.mean().item()
         return {
-            **{f"test_{k}": v for k, v in evaluate.test_elbo_terms(self, test, seed).items()},
-            "log_px": evaluate.test_log_likelihood(self, test, iw_samples, seed, progress=progress),
+            "test_elbo": terms["elbo"],
+            "test_elbo_se": evaluate.standard_error_of(terms["elbo"], terms["elbo_sq"], len(test)),
+            "test_recon": terms["recon"],
+            "test_kl": terms["kl"],
+            "log_px": mean,
+            "log_px_se": evaluate.standard_error_of(mean, log_px.square().mean().item(), len(test)),
             "iw_samples": iw_samples,
             "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),
         }

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -289,9 +290,15 @@ def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *
     measured = measure(mine, *args)
     values = measured if isinstance(measured, dict) else {"": measured}
     *totals, count = distributed.all_sum(
-        world, *(v * len(mine) for v in values.values()), len(mine), device=images.device
+        world,
+        *(math.nan if v is None else v * len(mine) for v in values.values()),
+        len(mine),
+        device=images.device,
     )
-    averages = {k: total / count for k, total in zip(values, totals, strict=True)}
+    averages = {  # None (unknown) stays None
+        k: None if math.isnan(total) else total / count
+        for k, total in zip(values, totals, strict=True)
+    }
     return averages if isinstance(measured, dict) else averages[""]
 
 

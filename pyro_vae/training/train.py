@@ -167,9 +167,10 @@ def summary_line(summary: dict[str, Any]) -> str:
         terms = ""
         if summary.get("test_kl") is not None:
             terms = f" (recon {summary['test_recon']:.2f}, KL {summary['test_kl']:.2f})"
+        se = f" ± {summary['log_px_se']:.2f}" if summary.get("log_px_se") is not None else ""
         line = (
-            f"test ELBO {summary['test_elbo']:.2f}{terms}  log p(x) {summary['log_px']:.2f} "
-            f"(K={summary['iw_samples']}) nats/image"
+            f"test ELBO {summary['test_elbo']:.2f}{terms}  log p(x) {summary['log_px']:.2f}"
+            f"{se} (K={summary['iw_samples']}) nats/image"
         )
     if summary.get("continuous") or summary["test_elbo"] > 0:
         line += " (densities of continuous pixel values: above 0 is possible)"
