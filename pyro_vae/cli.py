@@ -34,6 +34,7 @@ _REGISTRIES = {
     "likelihood": ("components.likelihoods", "likelihoods"),
     "guide": ("components.guides", "guides"),
     "estimator": ("inference.elbos", "estimators"),
+    "schedule": ("inference.schedules", "schedules"),
 }
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_REGISTRIES) + r")\}")
 

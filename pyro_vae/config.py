@@ -60,6 +60,12 @@ class DataConfig:
     plugins: list[str] = option(
         [], "import a module or .py file that registers datasets (repeatable)", "data-plugin"
     )
+    holdout: int = option(
+        0,
+        "training images held out (the same ones every run) for a validation ELBO each "
+        "epoch, which --lr-schedule plateau watches; M2 holds out its own (--validation)",
+        shown="none",
+    )
 
 
 @dataclass
@@ -107,8 +113,17 @@ class TrainConfig:
     device: str = option("cpu", "cpu, cuda, cuda:N or auto")
     seconds: float = option(0.0, "stop after this much training time (s)", shown="no limit")
     checkpoint_every: int = option(1, "epochs between checkpoints")
+    weight_decay: float = option(
+        0.0, "Adam's L2 penalty: weight_decay * parameter added to each gradient", shown="none"
+    )
+    lr_schedule: str = option("none", "{schedule}")
     clip_grad: float = option(
         0.0, "clip the global norm of all gradients together at this value", shown="no clipping"
+    )
+    clip_grad_per_param: float = option(
+        0.0,
+        "clip each parameter's gradient norm on its own at this value (Pyro's clip_args clip_norm)",
+        shown="no clipping",
     )
     validate: bool = option(
         False, "keep Pyro's runtime checks of distributions on while training (slower)"
@@ -375,8 +390,10 @@ def validate_training(config: Config) -> Config:
     """Refuse out-of-range training settings (the ``train`` and ``inference`` sections and
     the binarization): what ``pyro_vae.fit`` needs of a config, whatever the model."""
     from .inference.elbos import estimators
+    from .inference.schedules import schedules
 
     d, i, t = config.data, config.inference, config.train
+    schedules.parse(t.lr_schedule)
     if d.binarize not in BINARIZATIONS:
         raise PyroVAEError(
             f"unknown binarization {d.binarize!r}; choose from: {', '.join(BINARIZATIONS)}"
@@ -393,6 +410,15 @@ def validate_training(config: Config) -> Config:
         (math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds must be >= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (math.isfinite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad must be >= 0"),
+        (
+            math.isfinite(t.clip_grad_per_param) and t.clip_grad_per_param >= 0,
+            "train.clip_grad_per_param must be >= 0",
+        ),
+        (
+            math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+            "train.weight_decay must be >= 0",
+        ),
+        (d.holdout >= 0, "data.holdout must be >= 0"),
         (t.compile in COMPILE_MODES, f"train.compile must be one of {', '.join(COMPILE_MODES)}"),
         (math.isfinite(i.kl_weight) and i.kl_weight >= 0, "inference.kl_weight must be >= 0"),
         (i.kl_warmup >= 0, "inference.kl_warmup must be >= 0"),

@@ -224,6 +224,10 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     return datasets.build(name, data_dir=data_dir)
 
 
+HOLDOUT_SEED = 20_161_201
+"""Seed of the images ``holdout`` takes out of training: the same ones in every run."""
+
+
 def _binarize_once(intensities: torch.Tensor) -> torch.Tensor:
     generator = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
     return torch.bernoulli(intensities, generator=generator)
@@ -268,7 +272,12 @@ class ImageBatches:
     """
 
     def __init__(
-        self, dataset: Dataset, binarize: str = "dynamic", device: str = "cpu", seed: int = 0
+        self,
+        dataset: Dataset,
+        binarize: str = "dynamic",
+        device: str = "cpu",
+        seed: int = 0,
+        holdout: int = 0,
     ):
         self.dataset = dataset
         self.binarize = binarize
@@ -276,6 +285,19 @@ class ImageBatches:
         self.scale = 1.0 / dataset.levels if dataset.levels else 1.0
         test = dataset.test_images.float() * self.scale
         train = dataset.train_images
+        self.train_index: torch.Tensor | None = None
+        """Where the training images are in the dataset's (None: all of them, in order)."""
+        validation_index = torch.zeros(0, dtype=torch.long)
+        if holdout:
+            if not 0 < holdout < len(train):
+                raise PyroVAEError(
+                    f"--holdout {holdout} leaves no training images of the {len(train)}"
+                )
+            generator = torch.Generator().manual_seed(HOLDOUT_SEED)
+            order = torch.randperm(len(train), generator=generator)
+            validation_index = order[:holdout].sort().values
+            self.train_index = order[holdout:].sort().values
+            train = train[self.train_index]
         if binarize != "none" and dataset.levels is None:
             for images in (train, test):
                 if images.numel() and (images.min() < 0 or images.max() > 1):
@@ -291,6 +313,8 @@ class ImageBatches:
             self.scale = 1.0
         self.train_images = train.to(device)
         self.test_images = test.to(device)
+        self.validation_images = self._fixed(validation_index)
+        """The held-out training images (``holdout``), binarized once as the test set is."""
 
     @property
     def num_train(self) -> int:
@@ -324,8 +348,13 @@ class ImageBatches:
         For held-out training images (a validation split), so that their scores do
         not change from one evaluation to the next.
         """
+        index = index.cpu()
+        return self._fixed(index if self.train_index is None else self.train_index[index])
+
+    def _fixed(self, index: torch.Tensor) -> torch.Tensor:
+        """The dataset's training images at ``index``, binarized once."""
         scale = 1.0 / self.dataset.levels if self.dataset.levels else 1.0
-        images = self.dataset.train_images[index.cpu()].float() * scale
+        images = self.dataset.train_images[index].float() * scale
         if self.binarize != "none":
             images = _binarize_once(images)
         return images.to(self.train_images.device)

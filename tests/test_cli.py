@@ -30,7 +30,9 @@ def test_train_evaluate_sample_end_to_end_on_digits(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     last = trained.stdout.splitlines()[-1]
     assert last == (
-        f"test ELBO {summary['test_elbo']:.2f}  log p(x) {summary['log_px']:.2f} (K=100) nats/image"
+        f"test ELBO {summary['test_elbo']:.2f} (recon {summary['test_recon']:.2f}, KL "
+        f"{summary['test_kl']:.2f})  log p(x) {summary['log_px']:.2f} ± "
+        f"{summary['log_px_se']:.2f} (K=100) nats/image"
     )
 
     # Seeded like the training run's own figures: the same numbers, every time.

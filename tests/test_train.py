@@ -30,7 +30,18 @@ def test_run_directory_has_every_artifact(trained_run):
     assert RUN_FILES <= {p.name for p in trained_run.iterdir()}
     metrics = read_metrics(trained_run)
     assert [m["epoch"] for m in metrics] == list(range(1, 31))
-    assert set(metrics[0]) == {"epoch", "train_elbo", "test_elbo", "seconds", "images_per_second"}
+    assert set(metrics[0]) == {
+        "epoch",
+        "train_elbo",
+        "train_recon",
+        "train_kl",
+        "test_elbo",
+        "test_elbo_se",
+        "test_recon",
+        "test_kl",
+        "seconds",
+        "images_per_second",
+    }
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["iw_samples"] == 20
     assert summary["log_px"] >= summary["test_elbo"] - 0.5

@@ -19,8 +19,14 @@ are read: ``torch.optim.adam.adam`` and ``PyroOptim._state_waiting_to_be_consume
 ``tests/test_optim.py`` fails loudly if either changes.
 
 Clipping: ``max_grad_norm`` clips the *global* norm of all gradients together
-(``torch.nn.utils.clip_grad_norm_``), as ``--clip-grad`` does. Pyro's own
-``clip_args={"clip_norm": c}`` clips each parameter's gradient on its own.
+(``torch.nn.utils.clip_grad_norm_``), as ``--clip-grad`` does; ``max_grad_norm_per_param``
+clips each parameter's gradient on its own, as Pyro's ``clip_args={"clip_norm": c}``
+does (``--clip-grad-per-param``). Both may be given: per parameter first.
+
+The learning rate and betas live in one parameter group of a ``torch.optim.Optimizer``
+(``hyperparameters``) that updates nothing itself, so PyTorch's learning-rate
+schedulers (``inference.schedules``) drive them, and every update reads them from
+there.
 """
 
 from __future__ import annotations
@@ -40,6 +46,22 @@ def fused_adam_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.__version__ >= (2, 4)
 
 
+class Hyperparameters(torch.optim.Optimizer):
+    """Adam's learning rate and betas as the one parameter group of an optimizer that updates
+    nothing: what PyTorch's learning-rate schedulers adjust."""
+
+    def __init__(self, lr: float, betas: tuple[float, float]):
+        super().__init__([torch.zeros(0)], {"lr": lr, "betas": tuple(betas)})
+
+    @property
+    def group(self) -> dict:
+        return self.param_groups[0]
+
+    def step(self, closure=None) -> None:
+        """Nothing to update: ``Adam`` calls it once per update, so that schedulers see an
+        optimizer that has stepped."""
+
+
 class Adam(PyroOptim):
     """Adam for SVI: one fused update, gradients released after each step.
 
@@ -48,6 +70,10 @@ class Adam(PyroOptim):
         max_grad_norm: if given, the gradients of each step are scaled down together so
             that their global norm (all parameters as one vector) is at most this.
         betas, eps: Adam's, as in ``torch.optim.Adam``.
+        weight_decay: ``torch.optim.Adam``'s L2 penalty: ``weight_decay * p`` is added to
+            each parameter's gradient before the update.
+        max_grad_norm_per_param: if given, each parameter's gradient is scaled down on its
+            own to a norm of at most this (Pyro's ``clip_args={"clip_norm": c}``).
     """
 
     def __init__(
@@ -56,10 +82,23 @@ class Adam(PyroOptim):
         max_grad_norm: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm_per_param: float | None = None,
     ):
         super().__init__(torch.optim.Adam, {"lr": lr})
-        self.lr, self.max_grad_norm, self.betas, self.eps = lr, max_grad_norm, betas, eps
+        self.max_grad_norm, self.eps, self.weight_decay = max_grad_norm, eps, weight_decay
+        self.max_grad_norm_per_param = max_grad_norm_per_param
+        self.hyperparameters = Hyperparameters(lr, betas)
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in force (a schedule moves it)."""
+        return self.hyperparameters.group["lr"]
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.hyperparameters.group["betas"]
 
     @torch.no_grad()
     def __call__(self, params, *args, **kwargs) -> None:
@@ -69,8 +108,14 @@ class Adam(PyroOptim):
         for p in params:
             if p not in self.state:
                 self._add(p)
+        if self.max_grad_norm_per_param:
+            for p in params:
+                torch.nn.utils.clip_grad_norm_(p, self.max_grad_norm_per_param)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.hyperparameters.step()
+        group = self.hyperparameters.group
+        beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         fused = fused_adam_supported(params[0].device)
         adam(
@@ -83,10 +128,10 @@ class Adam(PyroOptim):
             fused=fused,
             foreach=not fused,
             amsgrad=False,
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            lr=self.lr,
-            weight_decay=0.0,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=self.weight_decay,
             eps=self.eps,
             maximize=False,
         )

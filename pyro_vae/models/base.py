@@ -147,6 +147,10 @@ class PyroProgram(nn.Module):
         train_images = data.fixed(torch.arange(min(data.num_train, TRAIN_TERMS_IMAGES)))
         train = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train_images)
         record = {"train_recon": train["recon"], "train_kl": train["kl"]}
+        if len(data.validation_images):
+            record["validation_elbo"] = sharded(
+                world, lambda x: evaluate.test_elbo(self, x), data.validation_images
+            )
         test_images = data.test_images
         if test_images is None or not len(test_images):
             return {**record, "test_elbo": None}
@@ -159,6 +163,11 @@ class PyroProgram(nn.Module):
             "test_recon": test["recon"],
             "test_kl": test["kl"],
         }
+
+    def watched(self, data) -> str | None:
+        """The held-out number a plateau schedule watches: the validation ELBO, when training
+        images are held out (``holdout``)."""
+        return "validation_elbo" if len(data.validation_images) else None
 
     def summary(self, data, metrics: list, config, world) -> dict:
         """log p(x) by importance sampling with the config's K, seeded like the test ELBO."""

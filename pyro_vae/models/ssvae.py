@@ -246,12 +246,22 @@ class SSVAE(PyroProgram):
 
         if data.dataset.train_labels is None:
             raise PyroVAEError(f"{type(self).__name__} learns from labels: the data has none")
+        if len(data.validation_images):
+            raise PyroVAEError(
+                f"{type(self).__name__} holds out its own validation images (--validation); "
+                f"drop --holdout"
+            )
         semi.split_for_model(self, data, config.train.seed)
         for images in data.all_images():
             self.likelihood.check_support(self.features(images))
 
     def svi_program(self):
         return self.semi_model, self.semi_guide
+
+    def watched(self, data) -> str | None:
+        """What a plateau schedule watches: the validation accuracy (None without validation
+        images)."""
+        return "validation_accuracy" if self.validation != 0 else None
 
     def build_estimator(self, spec: str, num_particles: int):
         from ..training import semi

@@ -107,10 +107,12 @@ LABELS = {
     "test_elbo": ("test ELBO", "9.2f"),
     "test_recon": ("test recon", "9.2f"),
     "test_kl": ("test KL", "7.2f"),
+    "validation_elbo": ("validation ELBO", "9.2f"),
     "validation_accuracy": ("validation accuracy", ".4f"),
     "test_accuracy": ("test accuracy", ".4f"),
     "style_nats": ("style in z", ".2f"),
     "kl_weight": ("KL weight", ".3g"),
+    "lr": ("lr", ".3g"),
 }
 
 
@@ -149,7 +151,7 @@ def run(
     writes = run_dir is not None and world.is_main
     info = log.info if world.is_main else _silent
     pyro.clear_param_store()
-    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
+    optimizer = make_optimizer(config)
     elbo = model.build_estimator(config.inference.elbo, config.inference.num_particles)
     i = config.inference
     kl = KLTerm(i.kl_weight, i.kl_warmup, i.free_bits)
@@ -165,6 +167,7 @@ def run(
         if hasattr(elbo, "load_state_dict"):
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"], data)
+    schedule = Schedule(config, model, data, optimizer, checkpoint)
     reports_bound = has_bound(config.inference.elbo)
     metrics = list(metrics or [])
     last_saved = checkpoint["epoch"] if checkpoint else 0
@@ -195,9 +198,11 @@ def run(
                 leave=False,
                 disable=None if progress and world.is_main else True,
             )
+            schedule.start(len(batches))
             for step, args in enumerate(bar, 1):
                 kl.weight = kl.at(epoch - 1 + step / len(batches))
                 total_loss += guard.step(step_fn, *args, epoch=epoch, step=step)
+                schedule.after_step()
                 images += len(args[0])
                 if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
                     out_of_time = True
@@ -212,9 +217,11 @@ def run(
                 "epoch": epoch,
                 **_train_record(model, kl, epoch, total_loss / images if reports_bound else None),
                 **model.held_out(data, config, world),
+                **schedule.record(),
                 "seconds": seconds,
                 "images_per_second": images / seconds,
             }
+            schedule.after_epoch(record)
             metrics.append(record)
             if writes:
                 append_metrics(run_dir, record)
@@ -222,7 +229,7 @@ def run(
             saving = epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time
             if saving and writes:
                 payload = checkpoint_payload(config, model, epoch, optimizer, elbo, data)
-                save_checkpoint(run_dir, payload)
+                save_checkpoint(run_dir, {**payload, "schedule": schedule.state()})
                 guard.last_saved = epoch
             if out_of_time:
                 info("stopping: the %g s training budget is spent", t.seconds)
@@ -252,6 +259,81 @@ def run(
 
 def _silent(*_: Any) -> None:
     pass
+
+
+def make_optimizer(config: Config) -> Adam:
+    """The Adam that SVI steps with, as the config's ``train`` section sets it."""
+    t = config.train
+    return Adam(
+        t.lr,
+        max_grad_norm=t.clip_grad or None,
+        betas=(t.beta1, t.beta2),
+        weight_decay=t.weight_decay,
+        max_grad_norm_per_param=t.clip_grad_per_param or None,
+    )
+
+
+class Schedule:
+    """The learning-rate schedule of a run (``--lr-schedule``): made at the first epoch,
+    when the steps per epoch are known; stepped after each training step or each epoch
+    (``plateau`` with the held-out number the model watches); restored from and saved into
+    checkpoints with the learning rate and betas in force."""
+
+    def __init__(self, config: Config, model, data, optimizer: Adam, checkpoint: dict | None):
+        from ..errors import PyroVAEError
+        from ..inference.schedules import schedules
+
+        self.spec, self.epochs = config.train.lr_schedule, config.train.epochs
+        self.entry, self.values = schedules.parse(self.spec)
+        self.optimizer, self.scheduler, self.last_used = optimizer, None, optimizer.lr
+        self.saved = (checkpoint or {}).get("schedule")
+        self.watched = None
+        if self.entry.watches:
+            self.watched = model.watched(data)
+            if self.watched is None:
+                raise PyroVAEError(
+                    f"--lr-schedule {self.spec} watches a validation number, and this run "
+                    f"has none: hold out training images with --holdout N"
+                )
+
+    @property
+    def active(self) -> bool:
+        return self.entry.name != "none"
+
+    def start(self, steps_per_epoch: int) -> None:
+        if not self.active or self.scheduler is not None:
+            return
+        group = self.optimizer.hyperparameters.group
+        self.scheduler = self.entry.factory(
+            self.optimizer.hyperparameters, self.epochs, steps_per_epoch, **self.values
+        )
+        if self.saved:
+            group["lr"], group["betas"] = self.saved["lr"], tuple(self.saved["betas"])
+            self.scheduler.load_state_dict(self.saved["scheduler"])
+
+    def after_step(self) -> None:
+        if self.scheduler is not None and self.entry.per_step:
+            self.last_used = self.optimizer.lr
+            self.scheduler.step()
+
+    def record(self) -> dict[str, float]:
+        """The learning rate of the epoch's last step (with a schedule)."""
+        if not self.active:
+            return {}
+        return {"lr": self.last_used if self.entry.per_step else self.optimizer.lr}
+
+    def after_epoch(self, record: dict[str, Any]) -> None:
+        if self.scheduler is None or self.entry.per_step:
+            return
+        if self.watched:
+            self.scheduler.step(record[self.watched])
+        else:
+            self.scheduler.step()
+
+    def state(self) -> dict[str, Any]:
+        group = self.optimizer.hyperparameters.group
+        scheduler = self.scheduler.state_dict() if self.scheduler is not None else {}
+        return {"lr": group["lr"], "betas": list(group["betas"]), "scheduler": scheduler}
 
 
 def _train_record(model: Trainable, kl: KLTerm, epoch: int, mean_loss: float | None) -> dict:
@@ -377,7 +459,7 @@ def fit(
             data = as_dataset(data, test, getattr(model, "image_shape", None))
             config.data.dataset = data.name
         seed = (config.train.seed + world.rank) % 2**32
-        data = Batches_(data, config.data.binarize, device, seed=seed)
+        data = Batches_(data, config.data.binarize, device, seed=seed, holdout=config.data.holdout)
     model = model.to(data.device)
     model.check_data(data, config)
 
@@ -453,6 +535,15 @@ def _resumed(run_dir: Path, config: Config, device: torch.device) -> dict | None
         raise PyroVAEError(
             f"the checkpoint in {run_dir} is from another config than its {CONFIG_FILE}"
         )
+    from ..inference.schedules import schedules
+
+    if config.train.epochs != saved["train"]["epochs"]:
+        entry = schedules.parse(config.train.lr_schedule)[0]
+        if entry.spans_run:
+            raise PyroVAEError(
+                f"--lr-schedule {config.train.lr_schedule} spans the run's "
+                f"{saved['train']['epochs']} epochs; a resumed run cannot change them"
+            )
     if config.train.epochs < checkpoint["epoch"]:
         raise PyroVAEError(
             f"--epochs {config.train.epochs} is fewer than the {checkpoint['epoch']} "

@@ -63,7 +63,9 @@ def _setup(config: Config) -> _Setup:
         if not models.model_kinds[config.model.kind].distributed:
             raise PyroVAEError(f"--model {config.model.kind} runs in one process, not torchrun")
     dataset = load_dataset(d.dataset, d.data_dir)
-    data = ImageBatches(dataset, d.binarize, device, seed=(t.seed + world.rank) % 2**32)
+    data = ImageBatches(
+        dataset, d.binarize, device, seed=(t.seed + world.rank) % 2**32, holdout=d.holdout
+    )
     pyro.set_rng_seed(t.seed)
 
     prepared = models.prepare(config, dataset.image_shape)  # M1+M2's M1, say
@@ -145,11 +147,11 @@ def make_svi(vae: VAE, config: Config) -> tuple[SVI, Adam, ELBO]:
     ``svi.step(x)`` is one training step; benchmarks time exactly this. The KL weight and
     free bits apply; a warm-up, which the loop advances step by step, is refused.
     """
-    i, t = config.inference, config.train
+    i = config.inference
     if i.kl_warmup:
         raise PyroVAEError("make_svi has no loop to advance --kl-warmup; use fit")
     pyro.clear_param_store()
-    optimizer = Adam(t.lr, max_grad_norm=t.clip_grad or None, betas=(t.beta1, t.beta2))
+    optimizer = loop.make_optimizer(config)
     elbo = estimators.build(i.elbo, num_particles=i.num_particles, data_dim=vae.data_dim)
     program = KLTerm(i.kl_weight, free_bits=i.free_bits).wrap(vae.model, vae.guide)
     return SVI(*program, optimizer, loss=elbo), optimizer, elbo
