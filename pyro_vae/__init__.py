@@ -43,6 +43,7 @@ _EXPORTS = {  # name -> (module, attribute); attribute None: the module itself
     "evaluate_run": ("evaluation.evaluate", "evaluate_run"),
     "fit": ("training.loop", "fit"),
     "guides": ("components.guides", "guides"),
+    "latent": ("evaluation.latent", None),
     "likelihoods": ("components.likelihoods", "likelihoods"),
     "load_config": ("config", "load"),
     "load_dataset": ("data", "load_dataset"),

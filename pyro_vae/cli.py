@@ -236,6 +236,27 @@ def _add_run_plugin_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_latent(subparsers) -> None:
+    p = subparsers.add_parser(
+        "latent",
+        help="look at a trained VAE's latent space",
+        description=(
+            "Write the test set's posterior means and scales (latents.npz), a map of them "
+            "coloured by label (latent_map.png: the means for a 2-D z, else PCA or --tsne), "
+            "decoded straight lines between test images (interpolations.png), the decoder "
+            "on the prior's quantiles for a 2-D z (manifold.png), and each dimension's "
+            "activity and KL (active_units.png; Burda et al.'s active units in "
+            "summary.json under 'latent')."
+        ),
+    )
+    p.add_argument("run_dir", help="a run directory written by 'pyro-vae train'")
+    p.add_argument("--out", help="folder for the files (default: RUN_DIR)")
+    p.add_argument("--tsne", action="store_true", help="map by t-SNE (scikit-learn), not PCA")
+    p.add_argument("--data-dir", help="folder with the data (default: as trained)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _add_run_plugin_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Variational autoencoders as Pyro programs.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -244,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(subparsers)
     _add_evaluate(subparsers)
     _add_sample(subparsers)
+    _add_latent(subparsers)
     return parser
 
 
@@ -338,8 +360,36 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pyro.set_rng_seed(args.seed)
     with too_large(f"-n {args.n} images of {vae.image_shape}"):
         images = vae.generate(args.n)
-        image_grid(images, vae.image_shape, out, ncols=getattr(vae, "num_classes", 10))
+        classes = getattr(vae, "num_classes", None)  # M2 and kin: a row per class
+        rows = -(-args.n // (classes or 10))
+        image_grid(
+            images,
+            vae.image_shape,
+            out,
+            ncols=classes or 10,
+            title=f"Samples from {Path(args.run_dir).name} (seed {args.seed})",
+            row_labels=[str(r % classes) for r in range(rows)] if classes else None,
+            ylabel="class y" if classes else "",
+        )
     print(out)
+
+
+def cmd_latent(args: argparse.Namespace) -> None:
+    from .evaluation.latent import report_run
+
+    numbers = report_run(
+        args.run_dir,
+        args.out,
+        tsne=args.tsne,
+        data_dir=args.data_dir,
+        device=args.device,
+        plugins=args.plugin,
+    )
+    out = args.out or args.run_dir
+    print(
+        f"{numbers['active_units']} of {numbers['latent_dim']} latent dimensions active "
+        f"(Cov_x(E_q[z_j]) > 0.01); pictures and latents.npz in {out}"
+    )
 
 
 COMMANDS = {
@@ -347,6 +397,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "evaluate": cmd_evaluate,
     "sample": cmd_sample,
+    "latent": cmd_latent,
 }
 
 

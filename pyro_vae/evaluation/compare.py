@@ -187,7 +187,7 @@ def compare(
             time.perf_counter() - start,
         )
     write_tables(rows, out)
-    plot_curves(specs, out)
+    plot_curves(specs, out, _budget(config))
     return rows
 
 
@@ -223,8 +223,16 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     atomic_write(out / "compare.md", ("\n".join(lines) + "\n").encode())
 
 
-def plot_curves(specs: list[str], out: Path) -> None:
-    """compare.png: test ELBO against cumulative training time, one line per estimator."""
+def _budget(config: Config) -> str:
+    """What each run of the comparison had: the dataset and the epochs or seconds."""
+    t = config.train
+    budget = f"{t.seconds:g} s of training" if t.seconds else f"{t.epochs} epochs"
+    return f"{config.data.dataset}, {budget} each, batch {t.batch_size}, seed {t.seed}"
+
+
+def plot_curves(specs: list[str], out: Path, budget: str = "") -> None:
+    """compare.png: test ELBO against cumulative training time, one line per estimator,
+    titled with the dataset and the budget (``budget``)."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for spec in specs:
@@ -233,7 +241,8 @@ def plot_curves(specs: list[str], out: Path) -> None:
         ax.plot(seconds, [m["test_elbo"] for m in metrics], "o-", ms=3, label=spec)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test ELBO (nats / image)")
+    ax.set_title(f"Estimators compared: {budget}" if budget else "Estimators compared")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title="--elbo")
     fig.set_layout_engine("tight")
     save_figure(fig, out / "compare.png")

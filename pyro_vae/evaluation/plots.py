@@ -1,7 +1,8 @@
 """Pictures a person looks at: image grids and the ELBO curve.
 
-Grids are torchvision's (``make_grid``, ``save_image``); curves are bare
-``matplotlib.figure.Figure`` objects (no pyplot, no display, no global backend).
+Grids are laid out by torchvision's ``make_grid`` and drawn, like the curves, on bare
+``matplotlib.figure.Figure`` objects (no pyplot, no display, no global backend), each
+with a title and labelled axes.
 Every file is written atomically like every run file.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from ..training.runs import atomic_write
 
@@ -30,21 +31,43 @@ def save_figure(fig: Figure, path: str | Path) -> None:
 
 
 def image_grid(
-    images: torch.Tensor, image_shape: Sequence[int], path: str | Path, ncols: int = 10
+    images: torch.Tensor,
+    image_shape: Sequence[int],
+    path: str | Path,
+    ncols: int = 10,
+    *,
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
 ) -> None:
-    """Save flattened [0, 1] images ``(N, D)`` as a grid PNG (``torchvision.utils``), each
-    image enlarged by whole pixels to about ``TILE_PIXELS`` wide."""
+    """Save flattened [0, 1] images ``(N, D)`` as a labelled grid PNG: the tiles laid out by
+    torchvision's ``make_grid``, drawn with matplotlib at about ``TILE_PIXELS`` per image,
+    with a title, and labels for the rows, the columns and the axes where given."""
     h, w = image_shape[-2:]
     images = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
-    grid = make_grid(images, nrow=min(ncols, len(images)), padding=1, pad_value=1.0)
-    scale = max(1, TILE_PIXELS // max(h, w))
-    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    buffer = io.BytesIO()
-    save_image(grid, buffer, format="png")
-    atomic_write(path, buffer.getvalue())
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    grid = make_grid(images, nrow=ncols, padding=1, pad_value=1.0)[0].numpy()
+    tile = TILE_PIXELS / DPI
+    fig = Figure(figsize=(ncols * tile + 1.4, nrows * tile + 1.0))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    centers = lambda n, size: [1 + i * (size + 1) + size / 2 for i in range(n)]  # noqa: E731
+    ax.set_yticks(centers(nrows, h) if row_labels else [], list(row_labels or []))
+    ax.set_xticks(centers(ncols, w) if col_labels else [], list(col_labels or []))
+    ax.tick_params(length=0, labelsize=8)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.set_layout_engine("tight")
+    save_figure(fig, path)
 
 
-def elbo_curve(metrics: list[dict], path: str | Path) -> None:
+def elbo_curve(metrics: list[dict], path: str | Path, title: str = "ELBO per epoch") -> None:
     """Save train and test ELBO (nats/image) against epoch."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -60,13 +83,14 @@ def elbo_curve(metrics: list[dict], path: str | Path) -> None:
     )
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats / image)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.set_layout_engine("tight")
     save_figure(fig, path)
 
 
-def accuracy_curve(metrics: list[dict], path: str | Path) -> None:
+def accuracy_curve(metrics: list[dict], path: str | Path, title: str = "accuracy") -> None:
     """Save validation and test accuracy against epoch."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -76,6 +100,7 @@ def accuracy_curve(metrics: list[dict], path: str | Path) -> None:
     ax.plot(epochs, [m["test_accuracy"] for m in metrics], "s-", label="test")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.set_layout_engine("tight")

@@ -234,8 +234,21 @@ class PyroProgram(nn.Module):
             cols = min(10, len(test))
             shown = test[: min(50, len(test)) // cols * cols].reshape(-1, cols, test.shape[-1])
             rows = torch.stack([shown, self.reconstruct(shown.flatten(0, 1)).view_as(shown)], 1)
-            path = run_dir / "reconstructions.png"
-            plots.image_grid(rows.flatten(0, 2), shape, path, ncols=cols)
+            plots.image_grid(
+                rows.flatten(0, 2),
+                shape,
+                run_dir / "reconstructions.png",
+                ncols=cols,
+                title="Test images above their reconstructions (mean of p(x|z) at q's mean)",
+                row_labels=["test", "recon."] * len(shown),
+            )
         if shape and hasattr(self, "generate"):
-            plots.image_grid(self.generate(100), shape, run_dir / "samples.png")
-        plots.elbo_curve(metrics, run_dir / "elbo.png")
+            plots.image_grid(
+                self.generate(100),
+                shape,
+                run_dir / "samples.png",
+                title="Samples: the mean of p(x|z) for z ~ p(z)",
+            )
+        plots.elbo_curve(
+            metrics, run_dir / "elbo.png", title=f"{data.dataset.name}: ELBO per epoch"
+        )

@@ -327,15 +327,34 @@ def save_pictures(model: SSVAE, data: ImageBatches, run_dir: Path, metrics: list
     test_images = data.test_images
     n = model.num_classes
     rows = model.generate(n * n)  # a row per class, one style z per column
-    plots.image_grid(rows, model.image_shape, run_dir / "conditional_samples.png", ncols=n)
+    labels = [str(c) for c in range(n)]
+    plots.image_grid(
+        rows,
+        model.image_shape,
+        run_dir / "conditional_samples.png",
+        ncols=n,
+        title="Conditional samples p(x|y,z): one style z ~ p(z) per column",
+        row_labels=labels,
+        ylabel="class y",
+        xlabel="style z",
+    )
 
     classes = torch.arange(n, device=test_images.device)
     shown = test_images[:n]
     styles = model.style(shown)  # each test image's z, decoded with every class
     decoded = model.image(model.decode(styles.repeat_interleave(n, 0), classes.repeat(n)))
     grid = torch.cat([shown.unsqueeze(1), decoded.reshape(n, n, -1)], 1).reshape(n * (n + 1), -1)
-    plots.image_grid(grid, model.image_shape, run_dir / "analogies.png", ncols=n + 1)
-    plots.accuracy_curve(metrics, run_dir / "accuracy.png")
+    plots.image_grid(
+        grid,
+        model.image_shape,
+        run_dir / "analogies.png",
+        ncols=n + 1,
+        title="Analogies: each test image's style z decoded with every class y",
+        col_labels=["input", *labels],
+        xlabel="class y",
+        ylabel="test image",
+    )
+    plots.accuracy_curve(metrics, run_dir / "accuracy.png", title=f"{data.dataset.name}: accuracy")
 
 
 def evaluate(model: SSVAE, data: ImageBatches, seed: int = EVAL_SEED) -> dict[str, float]:
