@@ -128,6 +128,11 @@ class TrainConfig:
     validate: bool = option(
         False, "keep Pyro's runtime checks of distributions on while training (slower)"
     )
+    tensorboard: str | None = option(
+        None,
+        "also log each epoch's numbers and pictures to this TensorBoard folder (needs "
+        "pip install 'pyro-vae[tensorboard]')",
+    )
     compile: str = option(
         "none",
         "trace the step once per batch shape into one graph and replay it: trace (as "
@@ -270,6 +275,8 @@ def resolve_paths(config: Config, base: Path) -> Config:
     config.data.plugins = resolve_plugin_paths(config.data.plugins, base)
     if config.semi.m1_run:
         config.semi.m1_run = str((base / config.semi.m1_run).resolve())
+    if config.train.tensorboard:
+        config.train.tensorboard = str((base / config.train.tensorboard).resolve())
     return config
 
 

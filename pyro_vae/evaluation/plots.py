@@ -30,6 +30,14 @@ def save_figure(fig: Figure, path: str | Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def grid_tensor(images: torch.Tensor, image_shape: Sequence[int], ncols: int) -> torch.Tensor:
+    """Flattened [0, 1] images ``(N, D)`` laid out ``ncols`` a row by torchvision's
+    ``make_grid``: a (3, H, W) tensor on the CPU, one pixel of white between tiles."""
+    h, w = image_shape[-2:]
+    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+    return make_grid(images, nrow=min(ncols, len(images)), padding=1, pad_value=1.0)
+
+
 def image_grid(
     images: torch.Tensor,
     image_shape: Sequence[int],
@@ -46,10 +54,9 @@ def image_grid(
     torchvision's ``make_grid``, drawn with matplotlib at about ``TILE_PIXELS`` per image,
     with a title, and labels for the rows, the columns and the axes where given."""
     h, w = image_shape[-2:]
-    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
     ncols = min(ncols, len(images))
     nrows = -(-len(images) // ncols)
-    grid = make_grid(images, nrow=ncols, padding=1, pad_value=1.0)[0].numpy()
+    grid = grid_tensor(images, image_shape, ncols)[0].numpy()
     tile = TILE_PIXELS / DPI
     fig = Figure(figsize=(ncols * tile + 1.4, nrows * tile + 1.0))
     ax = fig.subplots()

@@ -224,6 +224,23 @@ class PyroProgram(nn.Module):
             "continuous": getattr(getattr(self, "likelihood", None), "continuous", False),
         }
 
+    def epoch_pictures(self, data) -> dict:
+        """Image grids of this epoch for TensorBoard (``--tensorboard``): ten test images
+        above their reconstructions, and twenty samples, their draws seeded."""
+        from ..evaluation import plots
+        from ..evaluation.evaluate import EVAL_SEED, seeded
+
+        shape, test = getattr(self, "image_shape", None), data.test_images
+        pictures = {}
+        with seeded(EVAL_SEED, data.device):
+            if shape and test is not None and len(test) and hasattr(self, "reconstruct"):
+                shown = test[:10]
+                both = torch.cat([shown, self.reconstruct(shown)])
+                pictures["reconstructions"] = plots.grid_tensor(both, shape, len(shown))
+            if shape and hasattr(self, "generate"):
+                pictures["samples"] = plots.grid_tensor(self.generate(20), shape, 10)
+        return pictures
+
     def save_pictures(self, data, run_dir, metrics: list) -> None:
         """reconstructions.png (test images above their reconstructions), samples.png, elbo.png."""
         from ..evaluation import plots

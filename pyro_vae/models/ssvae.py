@@ -291,6 +291,17 @@ class SSVAE(PyroProgram):
             "continuous": getattr(self.likelihood, "continuous", False),
         }
 
+    def epoch_pictures(self, data) -> dict:
+        """For TensorBoard: conditional samples, a row per class (draws seeded)."""
+        from ..evaluation import plots
+        from ..evaluation.evaluate import EVAL_SEED, seeded
+
+        n = self.num_classes
+        with seeded(EVAL_SEED, data.device):
+            return {
+                "conditional_samples": plots.grid_tensor(self.generate(n * n), self.image_shape, n)
+            }
+
     def save_pictures(self, data, run_dir, metrics: list) -> None:
         from ..training import semi
 

@@ -33,7 +33,7 @@ from ..inference.divergence import Guard
 from ..inference.elbos import has_bound
 from ..inference.kl import KLTerm
 from ..inference.optim import Adam
-from . import distributed
+from . import distributed, tensorboard
 from .runs import (
     SUMMARY_FILE,
     append_metrics,
@@ -168,6 +168,7 @@ def run(
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"], data)
     schedule = Schedule(config, model, data, optimizer, checkpoint)
+    board = tensorboard.Logger(t.tensorboard) if t.tensorboard and world.is_main else None
     reports_bound = has_bound(config.inference.elbo)
     metrics = list(metrics or [])
     last_saved = checkpoint["epoch"] if checkpoint else 0
@@ -222,6 +223,8 @@ def run(
                 "images_per_second": images / seconds,
             }
             schedule.after_epoch(record)
+            if board is not None:
+                board.epoch(record, getattr(model, "epoch_pictures", lambda _: {})(data))
             metrics.append(record)
             if writes:
                 append_metrics(run_dir, record)
@@ -251,6 +254,8 @@ def run(
         summary["parameters_identical_across_processes"] = distributed.parameters_agree(
             world, model
         )
+    if board is not None:
+        board.final(summary, metrics[-1]["epoch"])
     if writes:
         write_json(run_dir / SUMMARY_FILE, summary)
         model.save_pictures(data, run_dir, metrics)
@@ -447,6 +452,8 @@ def fit(
     config = copy.deepcopy(config) if config is not None else ConfigClass()
     _apply_settings(config, settings)
     validate_training(config)
+    if config.train.tensorboard:
+        tensorboard.check_available()
     world = world or distributed.World()
     device = _device_of(model) if "device" not in settings else resolve_device(config.train.device)
     if isinstance(data, str):
