@@ -162,3 +162,16 @@ def test_per_image_is_refused_where_it_cannot_be_written(trained_run, tmp_path):
         evaluate_run(trained_run, per_image=tmp_path / "no" / "px.npy")
     with pytest.raises(PyroVAEError, match=r"\.npy file"):
         evaluate_run(trained_run, per_image=tmp_path / "px.csv")
+
+
+def test_the_elbo_by_hand_example_checks_its_two_claims():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "elbo_by_hand.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--epochs", "20"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "checked: ELBO = reconstruction - KL, and log p(x) >= ELBO" in done.stdout
