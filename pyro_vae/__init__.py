@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> (module, attribute); attribute None: the module itself
     "Arg": ("registry", "Arg"),
+    "CVAE": ("models", "CVAE"),
+    "CVAEBaseline": ("models", "CVAEBaseline"),
     "Config": ("config", "Config"),
     "Dataset": ("data", "Dataset"),
     "FitResult": ("training.loop", "FitResult"),

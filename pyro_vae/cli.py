@@ -84,6 +84,7 @@ GROUPS = {
     "inference": "inference",
     "train": "training",
     "semi": "semi-supervised (--model m2 or m1m2)",
+    "cvae": "conditional VAE (--model cvae or cvae-baseline)",
 }
 
 

@@ -166,12 +166,29 @@ class SemiConfig:
 
 
 @dataclass
+class CVAEConfig:
+    """The section of the conditional VAE's kinds (cvae, cvae-baseline); ignored by others."""
+
+    quadrants: int = option(
+        1, "quadrants shown: 1 (bottom left, as Pyro's example), 2 (left half), 3 (all but one)"
+    )
+    baseline_run: str | None = option(
+        None, "cvae: a trained cvae-baseline run whose guess the prior p(z|x) also reads"
+    )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    cvae: CVAEConfig = field(default_factory=CVAEConfig)
+
+
+OPTIONAL_SECTIONS = {"semi": SemiConfig, "cvae": CVAEConfig}
+"""Sections that only some model kinds read: left out of a config file while at defaults."""
 
 
 def _sections(config: Config) -> dict[str, Any]:
@@ -275,6 +292,8 @@ def resolve_paths(config: Config, base: Path) -> Config:
     config.data.plugins = resolve_plugin_paths(config.data.plugins, base)
     if config.semi.m1_run:
         config.semi.m1_run = str((base / config.semi.m1_run).resolve())
+    if config.cvae.baseline_run:
+        config.cvae.baseline_run = str((base / config.cvae.baseline_run).resolve())
     if config.train.tensorboard:
         config.train.tensorboard = str((base / config.train.tensorboard).resolve())
     return config
@@ -289,14 +308,16 @@ def dumps(config: Config) -> str:
     """The config as TOML text, by ``tomli-w``.
 
     Keys that are None are left out (TOML has no null; they load back as None), and so
-    is the ``[semi]`` section of a VAE while it holds the defaults.
+    are the sections a kind does not read (``[semi]`` of a VAE) while they hold the
+    defaults.
     """
     tree = {
         name: {k: v for k, v in values.items() if v is not None}
         for name, values in to_dict(config).items()
     }
-    if config.semi == SemiConfig() and _section_of(config.model.kind) != "semi":
-        del tree["semi"]
+    for name, section in OPTIONAL_SECTIONS.items():
+        if getattr(config, name) == section() and _section_of(config.model.kind) != name:
+            del tree[name]
     return tomli_w.dumps(tree)
 
 

@@ -186,6 +186,7 @@ class PyroProgram(nn.Module):
         log_px = sharded(world, measure, data.test_images)
         n = len(data.test_images)
         return {
+            "log_px_of": getattr(self, "log_px_of", "x"),
             "log_px": log_px["mean"],
             "log_px_se": evaluate.standard_error_of(log_px["mean"], log_px["sq"], n),
             "iw_samples": k,
@@ -218,6 +219,7 @@ class PyroProgram(nn.Module):
             "test_elbo_se": evaluate.standard_error_of(terms["elbo"], terms["elbo_sq"], len(test)),
             "test_recon": terms["recon"],
             "test_kl": terms["kl"],
+            "log_px_of": getattr(self, "log_px_of", "x"),
             "log_px": mean,
             "log_px_se": evaluate.standard_error_of(mean, log_px.square().mean().item(), len(test)),
             "iw_samples": iw_samples,

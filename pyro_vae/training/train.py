@@ -170,8 +170,9 @@ def summary_line(summary: dict[str, Any]) -> str:
         if summary.get("test_kl") is not None:
             terms = f" (recon {summary['test_recon']:.2f}, KL {summary['test_kl']:.2f})"
         se = f" ± {summary['log_px_se']:.2f}" if summary.get("log_px_se") is not None else ""
+        of = summary.get("log_px_of", "x")
         line = (
-            f"test ELBO {summary['test_elbo']:.2f}{terms}  log p(x) {summary['log_px']:.2f}"
+            f"test ELBO {summary['test_elbo']:.2f}{terms}  log p({of}) {summary['log_px']:.2f}"
             f"{se} (K={summary['iw_samples']}) nats/image"
         )
     if summary.get("continuous") or summary["test_elbo"] > 0:
