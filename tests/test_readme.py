@@ -63,3 +63,14 @@ def test_the_train_flag_table_lists_every_flag_of_the_parser():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     flags = {o for a in train._actions for o in a.option_strings if o.startswith("--")}
     assert flags - {"--help"} == documented
+
+
+def test_every_toml_block_is_a_config_that_validates(tmp_path):
+    from pyro_vae.config import load, validate
+
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"{i}.toml"
+        path.write_text(block)
+        validate(load(path))
