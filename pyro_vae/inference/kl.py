@@ -20,7 +20,8 @@ Against the guide's log q(z|x), a clamped dimension then contributes exactly
 -lambda: no value of its own and no gradient, as max(lambda, KL_j) has none there;
 the others keep their Monte Carlo KL. It needs q and p that factorize over z's
 dimensions, and an estimator whose objective has the ELBO's KL term (``kl_term`` in
-the estimators' registry: not the importance-weighted bounds).
+the estimators' registry: not the importance-weighted bounds). Where y is enumerated
+(M2), z's minibatch KL averages over the enumerated classes too, unweighted.
 
 Held-out numbers (test ELBO, log p(x)) run the model and guide without these
 handlers: they are always those of the model as written.

@@ -322,6 +322,12 @@ def summarize(parts: Split, metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _true_labels(data: ImageBatches, n: int) -> list[str] | None:
+    """The classes of the first ``n`` test images, as the analogies' row labels."""
+    labels = data.dataset.test_labels
+    return None if labels is None else [str(int(c)) for c in labels[:n]]
+
+
 def save_pictures(model: SSVAE, data: ImageBatches, run_dir: Path, metrics: list) -> None:
     """conditional_samples.png, analogies.png and accuracy.png."""
     test_images = data.test_images
@@ -351,8 +357,9 @@ def save_pictures(model: SSVAE, data: ImageBatches, run_dir: Path, metrics: list
         ncols=n + 1,
         title="Analogies: each test image's style z decoded with every class y",
         col_labels=["input", *labels],
+        row_labels=_true_labels(data, n),
         xlabel="class y",
-        ylabel="test image",
+        ylabel="test image (its true class)",
     )
     plots.accuracy_curve(metrics, run_dir / "accuracy.png", title=f"{data.dataset.name}: accuracy")
 
