@@ -230,40 +230,6 @@ def _refuse_if_too_slow(seconds: float, chunks: int, num_samples: int, n: int, l
         )
 
 
-def _per_image_batches(
-    vae: VAE,
-    x: torch.Tensor,
-    num_samples: int,
-    max_elements: int,
-    max_seconds: float,
-    progress: bool,
-) -> Iterator[torch.Tensor]:
-    """Importance-sampled log p(x) of each image, batch after batch (see
-    :func:`log_likelihood`)."""
-    batch, chunk, chunks = _chunks(vae, x, num_samples, max_elements)
-    bar = tqdm(
-        total=chunks,
-        desc=f"log p(x), K={num_samples}",
-        leave=False,
-        disable=None if progress else True,
-    )
-    started, done = time.perf_counter(), 0
-    for xb in x.split(batch):
-        parts = []
-        for start in range(0, num_samples, chunk):
-            parts.append(
-                torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
-            )
-            release_freed_memory()
-            done += 1
-            bar.update()
-            if done == 1:
-                seconds = time.perf_counter() - started
-                _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
-        yield torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
-    bar.close()
-
-
 @torch.no_grad()
 def log_likelihood(
     vae: VAE,
@@ -299,8 +265,30 @@ def log_likelihood_per_image(
 ) -> torch.Tensor:
     """:func:`log_likelihood` image by image: a float64 tensor of shape (N,) on the CPU, in
     the order of ``x`` (for paired comparisons of two models on the same images)."""
-    batches = _per_image_batches(vae, x, num_samples, max_elements, max_seconds, progress)
-    return torch.cat([b.double().cpu() for b in batches])
+    batch, chunk, chunks = _chunks(vae, x, num_samples, max_elements)
+    bar = tqdm(
+        total=chunks,
+        desc=f"log p(x), K={num_samples}",
+        leave=False,
+        disable=None if progress else True,
+    )
+    started, done, per_image = time.perf_counter(), 0, []
+    for xb in x.split(batch):
+        parts = []
+        for start in range(0, num_samples, chunk):
+            parts.append(
+                torch.logsumexp(log_weights(vae, xb, min(chunk, num_samples - start)), dim=0)
+            )
+            release_freed_memory()
+            done += 1
+            bar.update()
+            if done == 1:
+                seconds = time.perf_counter() - started
+                _refuse_if_too_slow(seconds, chunks, num_samples, len(x), max_seconds)
+        log_px = torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
+        per_image.append(log_px.double().cpu())
+    bar.close()
+    return torch.cat(per_image)
 
 
 def check_log_likelihood_time(
