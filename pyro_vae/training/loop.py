@@ -33,6 +33,7 @@ from ..inference.divergence import Guard
 from ..inference.elbos import has_bound
 from ..inference.kl import KLTerm
 from ..inference.optim import Adam
+from ..inference.schedules import Schedule
 from . import distributed, tensorboard
 from .runs import (
     SUMMARY_FILE,
@@ -61,6 +62,10 @@ class Trainable(Protocol):
     - ``held_out(data, config, world)``: the numbers recorded after each epoch.
     - ``summary(data, metrics, config, world)``: what the run adds to the summary.
     - ``save_pictures(data, run_dir, metrics)``: the run's pictures.
+
+    Two more are optional: ``watched(data)``, the record's key of the held-out number
+    that ``--lr-schedule plateau`` watches (None: none), and ``epoch_pictures(data)``,
+    image grids for ``--tensorboard``.
     """
 
     def svi_program(self) -> tuple[Callable, Callable]: ...
@@ -167,7 +172,8 @@ def run(
         if hasattr(elbo, "load_state_dict"):
             elbo.load_state_dict(checkpoint["estimator"])
         set_rng_state(checkpoint["rng"], data)
-    schedule = Schedule(config, model, data, optimizer, checkpoint)
+    schedule = Schedule(config, model.watched(data) if hasattr(model, "watched") else None)
+    schedule.restore(optimizer, checkpoint)
     board = tensorboard.Logger(t.tensorboard) if t.tensorboard and world.is_main else None
     reports_bound = has_bound(config.inference.elbo)
     metrics = list(metrics or [])
@@ -276,69 +282,6 @@ def make_optimizer(config: Config) -> Adam:
         weight_decay=t.weight_decay,
         max_grad_norm_per_param=t.clip_grad_per_param or None,
     )
-
-
-class Schedule:
-    """The learning-rate schedule of a run (``--lr-schedule``): made at the first epoch,
-    when the steps per epoch are known; stepped after each training step or each epoch
-    (``plateau`` with the held-out number the model watches); restored from and saved into
-    checkpoints with the learning rate and betas in force."""
-
-    def __init__(self, config: Config, model, data, optimizer: Adam, checkpoint: dict | None):
-        from ..errors import PyroVAEError
-        from ..inference.schedules import schedules
-
-        self.spec, self.epochs = config.train.lr_schedule, config.train.epochs
-        self.entry, self.values = schedules.parse(self.spec)
-        self.optimizer, self.scheduler, self.last_used = optimizer, None, optimizer.lr
-        self.saved = (checkpoint or {}).get("schedule")
-        self.watched = None
-        if self.entry.watches:
-            self.watched = model.watched(data)
-            if self.watched is None:
-                raise PyroVAEError(
-                    f"--lr-schedule {self.spec} watches a validation number, and this run "
-                    f"has none: hold out training images with --holdout N"
-                )
-
-    @property
-    def active(self) -> bool:
-        return self.entry.name != "none"
-
-    def start(self, steps_per_epoch: int) -> None:
-        if not self.active or self.scheduler is not None:
-            return
-        group = self.optimizer.hyperparameters.group
-        self.scheduler = self.entry.factory(
-            self.optimizer.hyperparameters, self.epochs, steps_per_epoch, **self.values
-        )
-        if self.saved:
-            group["lr"], group["betas"] = self.saved["lr"], tuple(self.saved["betas"])
-            self.scheduler.load_state_dict(self.saved["scheduler"])
-
-    def after_step(self) -> None:
-        if self.scheduler is not None and self.entry.per_step:
-            self.last_used = self.optimizer.lr
-            self.scheduler.step()
-
-    def record(self) -> dict[str, float]:
-        """The learning rate of the epoch's last step (with a schedule)."""
-        if not self.active:
-            return {}
-        return {"lr": self.last_used if self.entry.per_step else self.optimizer.lr}
-
-    def after_epoch(self, record: dict[str, Any]) -> None:
-        if self.scheduler is None or self.entry.per_step:
-            return
-        if self.watched:
-            self.scheduler.step(record[self.watched])
-        else:
-            self.scheduler.step()
-
-    def state(self) -> dict[str, Any]:
-        group = self.optimizer.hyperparameters.group
-        scheduler = self.scheduler.state_dict() if self.scheduler is not None else {}
-        return {"lr": group["lr"], "betas": list(group["betas"]), "scheduler": scheduler}
 
 
 def _train_record(model: Trainable, kl: KLTerm, epoch: int, mean_loss: float | None) -> dict:
