@@ -455,11 +455,11 @@ def validate_training(config: Config) -> Config:
     if t.device not in ("cpu", "cuda", "auto") and not t.device.startswith("cuda:"):
         raise PyroVAEError(f"unknown device {t.device!r}; choose from: cpu, cuda, cuda:N, auto")
     entry = estimators.parse(i.elbo)[0]
-    if i.free_bits and not entry.kl_term:
-        usable = ", ".join(e.name for e in estimators.entries() if e.kl_term)
+    if i.free_bits and not entry.free_bits:
+        usable = ", ".join(e.name for e in estimators.entries() if e.free_bits)
         raise PyroVAEError(
-            f"--free-bits clamps the ELBO's KL term, which estimator {i.elbo!r} does not "
-            f"have apart; choose from: {usable}"
+            f"--free-bits needs an estimator that differentiates its objective through the "
+            f"latent densities, and {i.elbo!r} does not; choose from: {usable}"
         )
     if i.kl_warmup and entry.jit:
         raise PyroVAEError(

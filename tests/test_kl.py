@@ -155,6 +155,29 @@ def test_free_bits_clamp_each_dimension_below_lambda_to_a_constant(vae, digits):
     _assert_same(vae, loss, expected)
 
 
+def test_free_bits_act_inside_the_importance_weights(vae, digits):
+    k = 4
+    log_px, _, _, q, p, z = _terms(vae, digits, seed=7, particles=k)
+    per_dim = kl_divergence(q.base_dist, p.base_dist).reshape(-1, 6).mean(0).detach()
+    nats = per_dim.median().item()
+    clamped = per_dim < nats
+    kept = ~clamped
+    log_w = log_px + (p.base_dist.log_prob(z) - q.base_dist.log_prob(z))[..., kept].sum(-1)
+    log_w = log_w - nats * clamped.sum()
+    expected = -(log_w.logsumexp(0) - math.log(k)).sum()
+
+    elbo = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    for param in params:
+        param.grad = None
+    pyro.set_rng_seed(7)
+    loss = elbo.loss_and_grads(*KLTerm(free_bits=nats).wrap(vae.model, vae.guide), digits)
+    grads = [param.grad.clone() for param in params]
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(grads, _grads(vae, expected), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_free_bits_refuse_latents_that_do_not_factorize(digits):
     pyro.clear_param_store()
     vae = VAE((8, 8), latent_dim=4, hidden=(16,), prior="mog:3")
@@ -236,7 +259,7 @@ def test_a_warmup_run_resumes_exactly(tmp_path):
 @pytest.mark.parametrize(
     "inference, message",
     [
-        ({"free_bits": 1.0, "elbo": "iwae:3"}, "choose from: jit-meanfield, jit-trace"),
+        ({"free_bits": 1.0, "elbo": "dreg:3"}, "choose from: iwae, jit-meanfield, jit-trace"),
         ({"kl_warmup": 2, "elbo": "jit-trace"}, "use trace"),
         ({"kl_weight": -1.0}, "kl_weight must be >= 0"),
         ({"kl_weight": math.inf}, "kl_weight must be >= 0"),

@@ -44,7 +44,7 @@ estimators = Registry(
     traceable=False,
     enumerated=None,
     bound_as=None,
-    kl_term=False,
+    free_bits=False,
     jit=False,
 )
 """Estimators by spec. Each entry says whether its loss is a bound (``has_bound``: held-out
@@ -55,10 +55,12 @@ JIT), its enumerating form for models that sum a discrete latent
 out (``enumerated``: a function of the number of particles that returns Pyro's
 TraceEnum_ELBO or its jitted twin; None where there is none), and which estimator
 evaluates its bound on held-out data (``bound_as``, a spec with its arguments in
-braces; None: itself), whether its objective is E_q[log p(x|z)] - KL with the KL
-term apart, which free bits clamp (``kl_term``; not the importance-weighted bounds),
-and whether PyTorch's JIT compiles it at the first step, fixing whatever the host
-computes then (``jit``: a KL weight that changes in warm-up cannot reach it)."""
+braces; None: itself), whether free bits apply (``free_bits``: its gradient is autograd's
+of its objective through the sites' log-densities, so a clamped dimension's terms cancel
+exactly; not ``dreg``, which leaves the model density's dependence on the guide out of its
+gradient by design, nor the score-function estimators), and whether PyTorch's JIT
+compiles it at the first step, fixing whatever the host computes then (``jit``: a KL
+weight that changes in warm-up cannot reach it)."""
 
 # Our models and guides use exactly one plate (the batch); saying so spares
 # Pyro a trial run of the model to discover it.
@@ -82,14 +84,14 @@ def _enumerated(jit: bool) -> Callable[[int], ELBO]:
 
 
 @estimators.register(
-    "trace", works_under_ddp=True, traceable=True, enumerated=_enumerated(jit=False), kl_term=True
+    "trace", works_under_ddp=True, traceable=True, enumerated=_enumerated(jit=False), free_bits=True
 )
 def trace(num_particles: int = 1) -> ELBO:
     """Trace_ELBO: E_q[log p(x,z) - log q(z|x)] by reparameterized Monte Carlo."""
     return Trace_ELBO(**_particles(num_particles))
 
 
-@estimators.register("meanfield", works_under_ddp=True, traceable=True, kl_term=True)
+@estimators.register("meanfield", works_under_ddp=True, traceable=True, free_bits=True)
 def meanfield(num_particles: int = 1) -> ELBO:
     """TraceMeanField_ELBO: analytic KL(q || p) where registered, Monte Carlo otherwise."""
     return TraceMeanField_ELBO(**_particles(num_particles))
@@ -100,7 +102,7 @@ def meanfield(num_particles: int = 1) -> ELBO:
     works_under_ddp=True,
     enumerated=_enumerated(jit=True),
     bound_as="trace",
-    kl_term=True,
+    free_bits=True,
     jit=True,
 )
 def jit_trace(num_particles: int = 1) -> ELBO:
@@ -109,14 +111,14 @@ def jit_trace(num_particles: int = 1) -> ELBO:
 
 
 @estimators.register(
-    "jit-meanfield", works_under_ddp=True, bound_as="meanfield", kl_term=True, jit=True
+    "jit-meanfield", works_under_ddp=True, bound_as="meanfield", free_bits=True, jit=True
 )
 def jit_meanfield(num_particles: int = 1) -> ELBO:
     """JitTraceMeanField_ELBO: TraceMeanField_ELBO compiled with the PyTorch JIT."""
     return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
-@estimators.register("iwae", Arg("K"))
+@estimators.register("iwae", Arg("K"), free_bits=True)
 def iwae(K: int) -> ELBO:
     """Importance-weighted bound with K samples (Burda et al. 2016): Renyi alpha = 0."""
     return RenyiELBO(alpha=0.0, **_particles(K))
@@ -129,7 +131,7 @@ def _renyi_alpha(text: str) -> float:
     return alpha
 
 
-@estimators.register("renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"))
+@estimators.register("renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"), free_bits=True)
 def renyi(ALPHA: float, K: int) -> ELBO:
     """Renyi alpha-divergence bound with K samples (Li & Turner 2016)."""
     return RenyiELBO(alpha=ALPHA, **_particles(K))

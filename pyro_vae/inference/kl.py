@@ -18,10 +18,14 @@ by replacing the model's density of a latent site by
 C the dimensions whose minibatch KL is below lambda (held fixed in the gradient).
 Against the guide's log q(z|x), a clamped dimension then contributes exactly
 -lambda: no value of its own and no gradient, as max(lambda, KL_j) has none there;
-the others keep their Monte Carlo KL. It needs q and p that factorize over z's
-dimensions, and an estimator whose objective has the ELBO's KL term (``kl_term`` in
-the estimators' registry: not the importance-weighted bounds). Where y is enumerated
-(M2), z's minibatch KL averages over the enumerated classes too, unweighted.
+the others keep their Monte Carlo KL. Inside an importance weight (``iwae``,
+``renyi``) it is the same: each log w_k = log p~(x, z_k) - log q(z_k|x) carries
+-lambda for a clamped dimension. It needs q and p that factorize over z's
+dimensions, and an estimator that differentiates its objective through those
+densities (``free_bits`` in the estimators' registry: not ``dreg``, whose gradient
+leaves out, by design, any dependence of the model's density on the guide). Where
+y is enumerated (M2), and over K importance samples, z's minibatch KL averages
+over the enumerated classes and the samples too, unweighted.
 
 Held-out numbers (test ELBO, log p(x)) run the model and guide without these
 handlers: they are always those of the model as written.
@@ -149,7 +153,7 @@ class FreeBitsPrior(TorchDistribution):
     has_rsample = False
 
     def __init__(self, prior: dist.Distribution, posterior: dist.Distribution, nats: float, site):
-        self.prior, self.nats = prior, nats
+        self.prior, self.posterior, self.nats, self.site = prior, posterior, nats, site
         self.prior_factors = _factors(prior, "prior", site)
         self.posterior_factors = _factors(posterior, "guide", site)
         try:
@@ -163,9 +167,11 @@ class FreeBitsPrior(TorchDistribution):
         return self.prior.support
 
     def expand(self, batch_shape, _instance=None):
+        """Under an outer plate (K importance samples, say): the prior expanded, q as it is."""
         if torch.Size(batch_shape) == self.batch_shape:
             return self
-        raise NotImplementedError("free bits' prior is built at its site's batch shape")
+        prior = self.prior.expand(batch_shape)
+        return FreeBitsPrior(prior, self.posterior, self.nats, self.site)
 
     def sample(self, sample_shape=torch.Size()):  # noqa: B008
         return self.prior.sample(sample_shape)
