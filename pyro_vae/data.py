@@ -351,6 +351,14 @@ class ImageBatches:
         index = index.cpu()
         return self._fixed(index if self.train_index is None else self.train_index[index])
 
+    def first_fixed(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images, binarized once (:meth:`fixed`), kept for the next
+        call: what each epoch's training terms are measured on."""
+        cached = self.__dict__.get("_first_fixed")
+        if cached is None or len(cached) != n:
+            cached = self.__dict__["_first_fixed"] = self.fixed(torch.arange(n))
+        return cached
+
     def _fixed(self, index: torch.Tensor) -> torch.Tensor:
         """The dataset's training images at ``index``, binarized once."""
         scale = 1.0 / self.dataset.levels if self.dataset.levels else 1.0

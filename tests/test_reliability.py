@@ -161,9 +161,9 @@ def _nan_gradient(logits):
 def test_nan_stops_training_with_epoch_and_step_and_keeps_the_last_checkpoint(
     how, validate, message, tmp_path, monkeypatch
 ):
-    # 1500 digits at batch 64: 24 steps per epoch, then three calls after it: the ELBO's
-    # terms on the 1500 training images (two chunks of up to 1000) and the test ELBO.
-    _poison_after(monkeypatch, 2 * 27 + 5, how)
+    # 1500 digits at batch 64: 24 steps per epoch, then two calls after it: the ELBO's
+    # terms on 297 training images (as many as the test set has) and the test ELBO.
+    _poison_after(monkeypatch, 2 * 26 + 5, how)
     with pytest.raises(TrainingDiverged) as error:
         train(small_config(train={"epochs": 5, "validate": validate}), tmp_path / "run")
     assert message in str(error.value)
@@ -179,7 +179,7 @@ def test_parameters_gone_bad_are_caught_before_the_epoch_is_saved(
     estimator, step, tmp_path, monkeypatch
 ):
     """No loss shows it (tail's is no bound, or the epoch's last step): the epoch's check does."""
-    _poison_after(monkeypatch, 27 + step, _nan_gradient)
+    _poison_after(monkeypatch, 26 + step, _nan_gradient)
     config = small_config(train={"epochs": 3, "validate": False}, inference={"elbo": estimator})
     with pytest.raises(TrainingDiverged) as error:
         train(config, tmp_path / "run")

@@ -35,7 +35,7 @@ _module.register_module_parameter_registration_hook(_module_structure_changed)
 
 
 TRAIN_TERMS_IMAGES = 10_000
-"""Training images on which each epoch's ELBO terms are measured (MNIST: a sixth)."""
+"""At most this many training images (the first ones) give each epoch's ELBO terms."""
 
 
 class PyroProgram(nn.Module):
@@ -138,21 +138,22 @@ class PyroProgram(nn.Module):
         return {"train_elbo": None if mean_loss is None else -mean_loss}
 
     def held_out(self, data, config, world) -> dict:
-        """The ELBO's two terms on (up to 10,000) training images, binarized once as the test
-        set is, and the test ELBO with its terms (``evaluate.elbo_terms``); draws seeded, so
-        they do not move the training stream."""
+        """The ELBO's two terms on as many training images as the test set has (at most
+        10,000), binarized once as the test set is, and the test ELBO with its terms
+        (``evaluate.elbo_terms``); draws seeded, so they do not move the training stream."""
         from ..evaluation import evaluate
         from ..training.loop import sharded
 
-        train_images = data.fixed(torch.arange(min(data.num_train, TRAIN_TERMS_IMAGES)))
+        test_images = data.test_images
+        held = len(test_images) if test_images is not None and len(test_images) else None
+        train_images = data.first_fixed(min(data.num_train, held or TRAIN_TERMS_IMAGES))
         train = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train_images)
         record = {"train_recon": train["recon"], "train_kl": train["kl"]}
         if len(data.validation_images):
             record["validation_elbo"] = sharded(
                 world, lambda x: evaluate.test_elbo(self, x), data.validation_images
             )
-        test_images = data.test_images
-        if test_images is None or not len(test_images):
+        if not held:
             return {**record, "test_elbo": None}
         test = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), test_images)
         se = evaluate.standard_error_of(test["elbo"], test["elbo_sq"], len(test_images))
