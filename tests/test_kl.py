@@ -186,16 +186,19 @@ def test_free_bits_refuse_latents_that_do_not_factorize(digits):
         _loss(Trace_ELBO(max_plate_nesting=1), program, digits, seed=0)
 
 
-def test_a_traced_step_follows_the_weight_from_step_to_step(digits):
+@pytest.mark.parametrize("estimator", ["trace", "dreg"])
+def test_a_traced_step_follows_the_weight_from_step_to_step(digits, estimator):
     weights = [0.2, 0.7, 1.5]
 
     def run(traced):
         pyro.clear_param_store()
         torch.manual_seed(0)
         vae = VAE((8, 8), latent_dim=6, hidden=(32,))
-        kl = KLTerm(2.0, warmup=1, free_bits=0.05)
+        if estimator == "trace":
+            kl, elbo = KLTerm(2.0, warmup=1, free_bits=0.05), Trace_ELBO(max_plate_nesting=1)
+        else:
+            kl, elbo = KLTerm(2.0, warmup=1), DReG_ELBO(3)
         program = kl.wrap(vae.model, vae.guide)
-        elbo = Trace_ELBO(max_plate_nesting=1)
         if traced:
             step = TracedStep(vae, elbo, Adam(1e-2), "trace", program, kl)
         else:

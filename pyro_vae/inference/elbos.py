@@ -269,6 +269,22 @@ def data_scale(*traces: poutine.Trace) -> float:
     return scales.pop() if scales else 1.0
 
 
+def kl_weight(guide: poutine.Trace) -> float | torch.Tensor:
+    """The weight that ``poutine.scale`` gave the guide's latent sites (1 without one; the
+    data plate's subsampling factor left out), the same for every site."""
+    weights = [
+        site["scale"] / subsample_scale(site) for site in guide.nodes.values() if _is_latent(site)
+    ]
+    if not weights:
+        return 1.0
+    first, *rest = weights
+    if any(float(w) != float(first) for w in rest):
+        raise PyroVAEError(
+            f"dreg needs one weight on all latent sites; these have {sorted(map(float, weights))}"
+        )
+    return first
+
+
 def log_density(trace: poutine.Trace, scaled: bool = True) -> torch.Tensor:
     """Sum of the log-densities of a trace's sample sites, broadcast over batch dims.
 
@@ -317,7 +333,8 @@ class DReG_ELBO(ELBO):
     parameters only the path through the samples, sum_k w~_k^2 (d log w_k / d z_k)(d z_k/d phi),
     with w~ the normalized weights. Dropping the score term of log q keeps the guide's
     gradient signal-to-noise ratio from decaying as K grows, as it does for IWAE
-    (Rainforth et al. 2018).
+    (Rainforth et al. 2018). With the latent sites scaled by a KL weight beta
+    (``inference.kl``), the path weights are (1 - beta) w~ + beta w~^2.
     """
 
     def __init__(self, num_particles: int):
@@ -334,7 +351,8 @@ class DReG_ELBO(ELBO):
         return model_trace, guide_trace
 
     def path_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """The weights of the guide's path gradients: w~^2, which makes them unbiased.
+        """The weights of the guide's path gradients at KL weight 1: w~^2, which makes them
+        unbiased.
 
         (w~ alone gives the "sticking the landing" IWAE gradient, which is biased.)
         """
@@ -351,10 +369,14 @@ class DReG_ELBO(ELBO):
         weights = torch.softmax(log_w.detach(), dim=0)
         # Model parameters: sum_k w~_k log p(x, z_k), the samples held fixed.
         surrogate = (weights * log_p).sum()
-        # Guide parameters: only the path through the samples, reweighted by w~^2.
+        # Guide parameters: only the path through the samples, reweighted by w~^2; with the
+        # latent terms weighted by beta (inference.kl), the score term that the identity
+        # replaces is beta times IWAE's, so the weights are (1 - beta) w~ + beta w~^2.
+        beta = kl_weight(guide_trace)
+        path = (1 - beta) * weights + beta * self.path_weights(weights)
         leaves = [guide_trace.nodes[name]["value"] for name in attached]
         grads = torch.autograd.grad(
-            (self.path_weights(weights) * log_w).sum(), leaves, retain_graph=True, allow_unused=True
+            (path * log_w).sum(), leaves, retain_graph=True, allow_unused=True
         )
         for z, g in zip(attached.values(), grads, strict=True):
             if g is not None:

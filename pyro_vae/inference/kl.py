@@ -117,6 +117,8 @@ class _LatentSites(Messenger):
             return
         weight = self.kl.weight
         if not (isinstance(weight, float) and weight == 1.0):
+            if isinstance(weight, float):  # a float32 scalar, as the traced step's input is
+                weight = torch.tensor(weight)
             msg["scale"] = weight * msg["scale"]
         if not self.kl.free_bits:
             return
