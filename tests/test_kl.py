@@ -282,3 +282,11 @@ def test_the_cli_says_a_non_factorizing_prior_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a prior that factorizes" in err
     assert not out.exists()
+
+
+def test_under_compile_a_non_factorizing_prior_is_the_same_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--free-bits", "1", "--prior", "mog:3", "--compile"]
+    assert main([*args, "trace", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a prior that factorizes" in err and "could not trace" not in err

@@ -132,3 +132,15 @@ def test_a_model_without_one_encoder_is_refused_in_one_line(tmp_path, capsys):
     assert "has no single encoder" in capsys.readouterr().err
     with pytest.raises(PyroVAEError, match="does not exist"):
         latent_tools.report_run(tmp_path / "m2", tmp_path / "nowhere")
+
+
+def test_a_one_dimensional_latent_and_few_images_for_tsne_still_give_a_map(tmp_path):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    dataset = load_dataset("digits")
+    data = ImageBatches(dataset)
+    data.test_images = data.test_images[:12]  # t-SNE's perplexity must stay below 12
+    line = VAE((8, 8), latent_dim=1, hidden=(16,))
+    assert latent_tools.report(line, data, tmp_path)["latent_dim"] == 1
+    points, axes = latent_tools.project(np.random.default_rng(0).normal(size=(12, 5)), "tsne")
+    assert points.shape == (12, 2) and axes == ["t-SNE 1", "t-SNE 2"]

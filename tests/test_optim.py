@@ -188,7 +188,7 @@ def test_plateau_watches_the_validation_elbo_of_the_held_out_images(monkeypatch)
     watched = [m["validation_elbo"] for m in result.metrics]
     assert fed == watched
     expected = _reference(
-        lambda o: ReduceLROnPlateau(o, mode="max", factor=0.5, patience=1),
+        lambda o: ReduceLROnPlateau(o, mode="max", factor=0.5, patience=1, threshold_mode="abs"),
         *(4, False, 8, watched),
         lr=0.2,
     )
@@ -290,3 +290,13 @@ def test_each_update_reads_the_learning_rate_and_betas_the_schedulers_set():
     torch.testing.assert_close(adam.state[p]["exp_avg"], torch.tensor([1.0, -2.0]))
     torch.testing.assert_close(adam.state[p]["exp_avg_sq"], torch.tensor([0.4, 1.6]))
     torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1]))  # lr * sign(g) at step 1
+
+
+def test_fit_refuses_image_batches_whose_holdout_the_settings_contradict():
+    from pyro_vae import ImageBatches, PyroVAEError, fit, load_dataset
+
+    data = ImageBatches(load_dataset("digits"), holdout=300)
+    with pytest.raises(PyroVAEError, match="holds out 300 training images"):
+        fit(VAE((8, 8), latent_dim=2, hidden=(8,)), data, epochs=1)
+    result = fit(VAE((8, 8), latent_dim=2, hidden=(8,)), data, epochs=1, holdout=300)
+    assert result.metrics[0]["validation_elbo"] is not None

@@ -151,6 +151,8 @@ def compare(
     for spec, c in zip(specs, configs, strict=True):
         log.info("== %s", spec)
         run_dir = out / run_name(spec)
+        if c.train.tensorboard:  # one folder per estimator, or their scalars would mix
+            c.train.tensorboard = str(Path(config.train.tensorboard) / run_name(spec))
         summary = train(c, run_dir, overwrite=overwrite, progress=progress)
         vae = load_run(run_dir)
         pyro.set_rng_seed(SNR_SEED)
@@ -171,9 +173,9 @@ def compare(
                 "train_seconds": sum(m["seconds"] for m in metrics),
                 "images_per_second": summary["train_images_per_second"],
                 "test_elbo": summary["test_elbo"],
-                "test_elbo_se": summary["test_elbo_se"],
+                "test_elbo_se": summary.get("test_elbo_se"),
                 "log_px": summary["log_px"],
-                "log_px_se": summary["log_px_se"],
+                "log_px_se": summary.get("log_px_se"),
                 "iw_samples": summary["iw_samples"],
                 "own_bound": bound,
                 "snr_encoder": snr["encoder"],

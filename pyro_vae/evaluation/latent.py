@@ -37,7 +37,8 @@ POSTERIOR_DRAWS = 64
 
 
 def _check(vae) -> None:
-    if not all(hasattr(vae, name) for name in ("encode", "decoder", "likelihood", "prior")):
+    needed = ("encode", "decoder", "likelihood", "prior", "latent_dim", "image_shape")
+    if not all(hasattr(vae, name) for name in needed):
         raise PyroVAEError(
             f"the latent tools read a VAE's q(z|x), p(z) and p(x|z); a {type(vae).__name__} "
             f"has no single encoder to read"
@@ -52,13 +53,13 @@ def posterior_moments(vae, x: torch.Tensor, batch_size: int = 1000):
     for xb in x.split(batch_size):
         q = vae.encode(xb)
         try:
-            means.append(q.mean)
-            scales.append(q.stddev)
+            mean, scale = q.mean, q.stddev
         except NotImplementedError:
             with seeded(EVAL_SEED, xb.device):
                 z = q.sample((POSTERIOR_DRAWS,))
-            means.append(z.mean(0))
-            scales.append(z.std(0))
+            mean, scale = z.mean(0), z.std(0)
+        means.append(mean)
+        scales.append(scale)
     return torch.cat(means), torch.cat(scales)
 
 
@@ -140,14 +141,18 @@ def manifold(vae, size: int = 20) -> torch.Tensor:
 
 
 def project(means: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, list]:
-    """2-D coordinates of each mean and the axes' names: the means themselves in 2-D, else
-    PCA, or t-SNE (``method="tsne"``), by scikit-learn."""
+    """2-D coordinates of each mean and the axes' names: the means themselves in 2-D (a 1-D
+    z against the image's index), else PCA, or t-SNE (``method="tsne"``), by scikit-learn."""
+    if means.shape[1] == 1:
+        return np.stack([means[:, 0], np.arange(len(means))], 1), ["z_1", "test image"]
     if means.shape[1] == 2:
         return means, ["z_1", "z_2"]
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        return TSNE(2, random_state=seed, init="pca").fit_transform(means), ["t-SNE 1", "t-SNE 2"]
+        perplexity = min(30.0, (len(means) - 1) / 3)  # below the number of points, as it must
+        tsne = TSNE(2, perplexity=perplexity, random_state=seed, init="pca")
+        return tsne.fit_transform(means), ["t-SNE 1", "t-SNE 2"]
     from sklearn.decomposition import PCA
 
     pca = PCA(2, random_state=seed).fit(means)

@@ -25,7 +25,9 @@ dimensions, and an estimator that differentiates its objective through those
 densities (``free_bits`` in the estimators' registry: not ``dreg``, whose gradient
 leaves out, by design, any dependence of the model's density on the guide). Where
 y is enumerated (M2), and over K importance samples, z's minibatch KL averages
-over the enumerated classes and the samples too, unweighted.
+over the enumerated classes and the samples too, unweighted. ``meanfield`` has no
+closed form for q against p~, so under free bits it estimates z's term by Monte
+Carlo, as ``trace`` does.
 
 Held-out numbers (test ELBO, log p(x)) run the model and guide without these
 handlers: they are always those of the model as written.
@@ -126,7 +128,7 @@ class _LatentSites(Messenger):
             if msg["fn"].has_rsample:  # not M2's y, whose KL stays as it is
                 self.kl._posteriors[msg["name"]] = msg["fn"]
         else:
-            q = self.kl._posteriors.pop(msg["name"], None)
+            q = self.kl._posteriors.get(msg["name"])  # the guide's latest, for every model run
             if q is not None:
                 msg["fn"] = FreeBitsPrior(msg["fn"], q, self.kl.free_bits, msg["name"])
 

@@ -64,8 +64,12 @@ def cosine(optimizer, epochs: int, steps_per_epoch: int):
 )
 def plateau(optimizer, epochs: int, steps_per_epoch: int, FACTOR: float, PATIENCE: int):
     """lr times FACTOR when the watched held-out number has not improved for PATIENCE
-    epochs (``pyro.optim.ReduceLROnPlateau``, mode max: ELBOs and accuracies rise)."""
-    return lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=FACTOR, patience=PATIENCE)
+    epochs (``pyro.optim.ReduceLROnPlateau``, mode max: ELBOs and accuracies rise; an
+    improvement is absolute, by more than 1e-4, since a relative one misjudges negative
+    ELBOs)."""
+    return lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=FACTOR, patience=PATIENCE, threshold_mode="abs"
+    )
 
 
 @schedules.register(
@@ -98,7 +102,8 @@ class Schedule:
         if self.entry.watches and watched is None:
             raise PyroVAEError(
                 f"--lr-schedule {self.spec} watches a validation number, and this run "
-                f"has none: hold out training images with --holdout N"
+                f"has none: hold out training images with --holdout N (M2 and its kin: "
+                f"--validation N)"
             )
         self.optimizer, self.scheduler, self.saved = None, None, None
 

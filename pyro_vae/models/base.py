@@ -146,7 +146,8 @@ class PyroProgram(nn.Module):
 
         test_images = data.test_images
         held = len(test_images) if test_images is not None and len(test_images) else None
-        train_images = data.first_fixed(min(data.num_train, held or TRAIN_TERMS_IMAGES))
+        n = min(data.num_train, held or TRAIN_TERMS_IMAGES, TRAIN_TERMS_IMAGES)
+        train_images = data.first_fixed(n)
         train = sharded(world, lambda x: evaluate.test_elbo_terms(self, x), train_images)
         record = {"train_recon": train["recon"], "train_kl": train["kl"]}
         if len(data.validation_images):

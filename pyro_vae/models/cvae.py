@@ -91,6 +91,8 @@ class _Completion(PyroProgram):
         from ..evaluation.evaluate import EVAL_SEED, seeded
 
         x = data.test_images[:10]
+        if not len(x):
+            return
         with seeded(EVAL_SEED, x.device):
             completions = self.complete(x, 8)  # (8, images, D)
         shown = x.clone()

@@ -32,6 +32,7 @@ import pyro.infer.traceenum_elbo
 import torch
 from torch import nn
 
+from ..errors import PyroVAEError
 from ..inference.kl import KLTerm
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ def traced_step(
     step = TracedStep(model, elbo, optimizer, mode, program, kl)
     try:
         step.graph(args)
+    except PyroVAEError:  # bad input, as the eager step would say it too
+        model.__dict__["_traced_step"] = False
+        raise
     except Exception as e:  # what Pyro, PyTorch or a component raises on a traced value
         log.warning(
             "--compile: could not trace %s's step: %s at %s reads a value on the host "

@@ -410,6 +410,12 @@ def fit(
             config.data.dataset = data.name
         seed = (config.train.seed + world.rank) % 2**32
         data = Batches_(data, config.data.binarize, device, seed=seed, holdout=config.data.holdout)
+    elif len(data.validation_images) != config.data.holdout:
+        raise PyroVAEError(
+            f"the ImageBatches given holds out {len(data.validation_images)} training images, "
+            f"and the settings say holdout={config.data.holdout}: make them agree (or pass "
+            f"the dataset, and holdout=)"
+        )
     model = model.to(data.device)
     model.check_data(data, config)
 
