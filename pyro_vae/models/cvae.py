@@ -11,8 +11,9 @@ loop, the held-out numbers and log p(y|x) by importance sampling are the VAE's:
   ELBO is log p(y|x) itself, the (negative) cross-entropy Pyro's example minimizes;
 - CVAE: model p(z|x) p(y|x,z), a conditional prior (a network's diagonal Normal on
   x, and on the trained baseline's guess at y where ``--baseline-run`` gives one, as
-  in Pyro's example) and a generation network; guide q(z|x,y), a recognition network
-  on the whole image. Its test ELBO and log p(y|x) are of the missing pixels only.
+  in Pyro's example) and a generation network that reads z alone (as Pyro's: x reaches
+  y through the prior); guide q(z|x,y), a recognition network on the whole image. Its
+  test ELBO and log p(y|x) are of the missing pixels only.
 
 The likelihood and the guide family come from the registries; the conditional
 prior's family is the guide registry's ``normal``.
