@@ -178,6 +178,15 @@ def test_free_bits_act_inside_the_importance_weights(vae, digits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_under_free_bits_meanfield_estimates_zs_term_as_trace_does(vae, digits):
+    program = KLTerm(free_bits=0.05).wrap(vae.model, vae.guide)
+    trace = _loss(Trace_ELBO(max_plate_nesting=1), program, digits, seed=8)
+    meanfield = _loss(TraceMeanField_ELBO(max_plate_nesting=1), program, digits, seed=8)
+    assert meanfield.item() == trace.item()
+    without = _loss(TraceMeanField_ELBO(max_plate_nesting=1), (vae.model, vae.guide), digits, 8)
+    assert without.item() != trace.item()
+
+
 def test_free_bits_refuse_latents_that_do_not_factorize(digits):
     pyro.clear_param_store()
     vae = VAE((8, 8), latent_dim=4, hidden=(16,), prior="mog:3")

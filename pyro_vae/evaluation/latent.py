@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch.distributions import Independent, kl_divergence
+from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
+from ..inference.kl import factorizes
 from ..training.runs import SUMMARY_FILE, atomic_write, write_json
 from .evaluate import EVAL_SEED, seeded
 from .plots import image_grid, save_figure
@@ -80,7 +81,7 @@ def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000) -> torch.Tens
     total = None
     for xb in x.split(batch_size):
         q, p = vae.encode(xb), vae.prior()
-        if not all(_factorizes(d) for d in (q, p)):
+        if not all(factorizes(d) for d in (q, p)):
             return None
         try:
             kl = kl_divergence(q.base_dist, p.base_dist).double().sum(0)
@@ -88,11 +89,6 @@ def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000) -> torch.Tens
             return None
         total = kl if total is None else total + kl
     return total / len(x)
-
-
-def _factorizes(d) -> bool:
-    """Whether ``d`` is independent over z's one event dimension (per-dimension factors)."""
-    return isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1
 
 
 @torch.no_grad()
@@ -117,7 +113,7 @@ def prior_quantiles(vae, quantiles: torch.Tensor) -> torch.Tensor:
     inverse CDF where it factorizes and has one (Kingma & Welling 2014, Fig. 4), else the
     empirical quantiles of 20,000 of its draws (seeded)."""
     p = vae.prior()
-    if _factorizes(p):
+    if factorizes(p):
         try:
             return p.base_dist.icdf(quantiles.unsqueeze(-1).to(p.base_dist.mean))
         except NotImplementedError:

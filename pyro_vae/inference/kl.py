@@ -43,7 +43,7 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 
 from ..errors import PyroVAEError
 
@@ -133,9 +133,14 @@ class _LatentSites(Messenger):
                 msg["fn"] = FreeBitsPrior(msg["fn"], q, self.kl.free_bits, msg["name"])
 
 
+def factorizes(d: dist.Distribution) -> bool:
+    """Whether ``d`` is independent over z's one event dimension (per-dimension factors)."""
+    return isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1
+
+
 def _factors(d: dist.Distribution, role: str, site: str) -> dist.Distribution:
     """The per-dimension distribution under an ``Independent`` over z's one event dim."""
-    if isinstance(d, dist.Independent) and d.reinterpreted_batch_ndims == 1:
+    if factorizes(d):
         return d.base_dist
     raise PyroVAEError(
         f"--free-bits needs a {role} that factorizes over the dimensions of {site!r} "
