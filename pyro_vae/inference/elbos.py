@@ -118,10 +118,38 @@ def jit_meanfield(num_particles: int = 1) -> ELBO:
     return JitTraceMeanField_ELBO(**_particles(num_particles), ignore_jit_warnings=True)
 
 
-@estimators.register("iwae", Arg("K"), free_bits=True)
+class Renyi_ELBO(RenyiELBO):
+    """Pyro's ``RenyiELBO``, which takes the eager steps, with the differentiable loss it
+    lacks (Pyro's computes its gradients in place), for ``--compile`` to trace.
+
+    The loss is -(1/(1-alpha)) log (1/K) sum_k w_k^(1-alpha) over the same vectorized
+    guide and replayed model traces, each site's scale and mask honoured as Pyro does.
+    For a reparameterized guide its gradient is Pyro's surrogate's,
+    sum_k softmax((1-alpha) log w)_k d log w_k: autograd of the log-sum-exp. A guide with
+    a site that is not reparameterized (Pyro adds a score-function term for it) is
+    refused, so ``--compile`` falls back to Pyro's eager step for it.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The negated bound, to differentiate; scaled like the data plate."""
+        model_trace, guide_trace, _ = vectorized_traces(
+            model, guide, self.num_particles, -1 - self.max_plate_nesting, *args, **kwargs
+        )
+        for name, site in guide_trace.nodes.items():
+            if _is_latent(site) and not site["fn"].has_rsample:
+                raise ValueError(
+                    f"the guide's site {name!r} is not reparameterized: its Renyi bound needs "
+                    f"Pyro's score-function term"
+                )
+        log_w = (1.0 - self.alpha) * (log_density(model_trace) - log_density(guide_trace))
+        bound = (log_w.logsumexp(0) - math.log(self.num_particles)).sum() / (1.0 - self.alpha)
+        return -data_scale(model_trace, guide_trace) * bound
+
+
+@estimators.register("iwae", Arg("K"), traceable=True, free_bits=True)
 def iwae(K: int) -> ELBO:
     """Importance-weighted bound with K samples (Burda et al. 2016): Renyi alpha = 0."""
-    return RenyiELBO(alpha=0.0, **_particles(K))
+    return Renyi_ELBO(alpha=0.0, **_particles(K))
 
 
 def _renyi_alpha(text: str) -> float:
@@ -131,10 +159,12 @@ def _renyi_alpha(text: str) -> float:
     return alpha
 
 
-@estimators.register("renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"), free_bits=True)
+@estimators.register(
+    "renyi", Arg("ALPHA", _renyi_alpha, example="0.5"), Arg("K"), traceable=True, free_bits=True
+)
 def renyi(ALPHA: float, K: int) -> ELBO:
     """Renyi alpha-divergence bound with K samples (Li & Turner 2016)."""
-    return RenyiELBO(alpha=ALPHA, **_particles(K))
+    return Renyi_ELBO(alpha=ALPHA, **_particles(K))
 
 
 def _tail_particles(text: str) -> int:
