@@ -161,3 +161,25 @@ def test_an_untraceable_plugin_falls_back_to_eager_with_a_notice_naming_it(data,
     with caplog.at_level(logging.WARNING, logger="pyro_vae"):
         assert traced_step(vae, elbo, Adam(1e-2), "trace", (), "tail:3") is None
     assert "estimator tail:3 cannot be traced" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kind, schedule", [("m2", "every-step"), ("m2", "interleave"), ("adgm", "proportional")]
+)
+def test_semi_supervised_steps_traced_give_the_eager_run(kind, schedule, tmp_path, caplog):
+    """M2 and the ADGM sum y out with Pyro's TraceEnum_ELBO; traced, with Enum_ELBO's
+    traceable loss, in every schedule's steps (unlabelled, labelled, both, scaled)."""
+
+    def config(mode):
+        return small_config(
+            model={"kind": kind},
+            semi={"schedule": schedule},
+            train={"epochs": 2, "compile": mode, "validate": False},
+        )
+
+    eager = train(config("none"), tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="pyro_vae"):
+        traced = train(config("trace"), tmp_path / "traced")
+    assert "traced the training step" in caplog.text and "eagerly" not in caplog.text
+    for key in ("test_accuracy", "test_elbo", "train_loss"):
+        assert traced[key] == pytest.approx(eager[key], rel=1e-6), key

@@ -234,3 +234,88 @@ def test_style_nats_is_own_z_against_a_same_class_image_z(m2, digits):
     with torch.no_grad():
         m2.decoder[0].weight[:, : m2.latent_dim] = 0  # the decoder now ignores z
     assert semi.style_nats(m2, x, labels) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["m2", "adgm", "m2-kl-weight"])
+def test_the_traceable_enumerated_loss_is_pyros_loss_and_gradients(kind, digits):
+    """``--compile`` traces ``Enum_ELBO.traceable_loss``; eager steps are Pyro's
+    ``TraceEnum_ELBO``: under the same draws, the same loss and gradients, for a step with
+    an unlabelled and a scaled labelled batch, the aux term and a KL weight."""
+    from pyro_vae.inference.kl import KLTerm
+    from pyro_vae.models.adgm import ADGM
+
+    pyro.set_rng_seed(0)
+    model = (ADGM if kind == "adgm" else SSVAE)((8, 8), latent_dim=3, hidden=(32,))
+    kl = KLTerm(0.25) if kind == "m2-kl-weight" else KLTerm()
+    program = kl.wrap(*model.svi_program())
+    images, labels = digits
+    args = (images[:20], images[20:30], one_hot(labels[20:30]), torch.tensor(3.0))
+    elbo = model.build_estimator("trace", 1)
+    params = list(model.parameters())
+    results = []
+    for traceable in (False, True):
+        pyro.set_rng_seed(1)
+        for p in params:
+            p.grad = None
+        if traceable:
+            loss = elbo.traceable_loss(*program, *args)
+            loss.backward()
+            loss = loss.item()
+        else:
+            loss = elbo.loss_and_grads(*program, *args)
+        results.append((loss, [p.grad for p in params]))
+    (pyro_loss, pyro_grads), (loss, grads) = results
+    assert loss == pytest.approx(pyro_loss, rel=1e-6)
+    assert all(g is not None for g in pyro_grads)
+    for a, b in zip(grads, pyro_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def _certain_model(x):
+    with pyro.plate("data", 3):
+        y = pyro.sample("y", pyro.distributions.Categorical(logits=torch.zeros(2)))
+        pyro.sample("x", pyro.distributions.Delta(y.float()), obs=x)
+
+
+def _certain_guide(x):
+    with pyro.plate("data", 3):
+        pyro.sample(
+            "y",
+            pyro.distributions.Categorical(logits=torch.tensor([-math.inf, 0.0])),
+            infer={"enumerate": "parallel"},
+        )
+
+
+def test_a_class_of_probability_zero_counts_nothing_where_its_cost_is_infinite():
+    """q(y = 0) = 0 and log p(x | y = 0) = -inf: Pyro's masked branch leaves the class out,
+    and so must the traceable loss (0 * inf would be NaN)."""
+    from pyro_vae.inference.elbos import Enum_ELBO
+
+    x = torch.ones(3)
+    elbo = Enum_ELBO(max_plate_nesting=1)
+    expected = elbo.loss(_certain_model, _certain_guide, x)
+    assert expected == pytest.approx(3 * math.log(2))
+    with pyro.validation_enabled(False):
+        loss = elbo.traceable_loss(_certain_model, _certain_guide, x)
+    assert loss.item() == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+def test_the_traceable_enumerated_loss_refuses_what_it_does_not_sum():
+    from pyro_vae.inference.elbos import Enum_ELBO
+
+    def model(x):
+        with pyro.plate("data", 3):
+            y = pyro.sample("y", pyro.distributions.Bernoulli(0.5), infer={"enumerate": "parallel"})
+            pyro.sample("x", pyro.distributions.Normal(y, 1.0), obs=x)
+
+    elbo = Enum_ELBO(max_plate_nesting=1)
+    with pytest.raises(ValueError, match="the model enumerates 'y'"):
+        elbo.traceable_loss(model, lambda x: None, torch.zeros(3))
+
+    def score_guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("y", pyro.distributions.Bernoulli(0.5))
+
+    with pytest.raises(ValueError, match="'y' is neither enumerated in parallel"):
+        elbo.traceable_loss(model, score_guide, torch.zeros(3))

@@ -17,7 +17,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import (
     ELBO,
     JitTrace_ELBO,
@@ -71,6 +71,72 @@ def _particles(n: int) -> dict:
     return {"num_particles": n, "vectorize_particles": n > 1, "max_plate_nesting": _PLATES}
 
 
+class Enum_ELBO(TraceEnum_ELBO):
+    """Pyro's ``TraceEnum_ELBO``, which takes the eager steps, with a loss that
+    ``--compile`` can trace (:meth:`traceable_loss`).
+
+    Pyro's own differentiable loss cannot be traced: ``Dice.compute_expectation`` asks
+    whether every enumerated probability is positive (``mask.all()``, a read on the
+    host) to choose its branch.
+    """
+
+    def traceable_loss(self, model, guide, *args, **kwargs):
+        """-ELBO with the guide's enumerated sites summed out, from Pyro's own traces.
+
+        The traces are ``TraceEnum_ELBO``'s (the same draws, the same scaled and masked
+        log-densities). Each cost term (a model site's log-density, a guide site's
+        negated) is weighted by q of the guide's enumerated site whose dimension it has,
+        the unscaled log q that Pyro's DiCE factor uses, gradients to the classifier
+        included; a term where q is 0 counts nothing, as Pyro's masked branch. Supported:
+        parallel enumeration in the guide, each enumerated site independent of the others
+        given the data, the other guide sites reparameterized (M2, the ADGM); anything
+        else is refused, so ``--compile`` falls back to Pyro's eager step.
+        """
+        elbo = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            weights = _enumerated_weights(model_trace, guide_trace)
+            for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and not site_is_subsample(site):
+                        elbo = elbo + sign * _expectation(site["log_prob"], weights)
+        return -elbo / self.num_particles
+
+
+def _enumerated_weights(model_trace, guide_trace) -> dict[int, torch.Tensor]:
+    """q of each parallel-enumerated guide site (unscaled), by its enumeration dimension."""
+    weights = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None:
+            if name not in guide_trace.nodes:
+                raise ValueError(f"the model enumerates {name!r}: only guide enumeration traces")
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        score = site["score_parts"].score_function
+        dim = site["infer"].get("_enumerate_dim")
+        if site["infer"].get("enumerate") != "parallel" or site["infer"].get("num_samples"):
+            if not is_identically_zero(score):
+                raise ValueError(
+                    f"the guide's site {name!r} is neither enumerated in parallel "
+                    f"nor reparameterized"
+                )
+            continue
+        if any(n > 1 for i, n in enumerate(reversed(score.shape), 1) if i > -dim):
+            raise ValueError(f"q of the guide's enumerated site {name!r} depends on another one")
+        weights[dim] = score.exp()
+    return weights
+
+
+def _expectation(cost: torch.Tensor, weights: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The sum of ``cost`` with each enumeration dimension it has weighted by its q."""
+    for dim, q in weights.items():
+        if cost.dim() >= -dim and cost.shape[dim] > 1:
+            if torch.broadcast_shapes(q.shape, cost.shape) != cost.shape:
+                raise ValueError("an enumerated site's q spans dimensions its cost term lacks")
+            cost = q * torch.where(q > 0, cost, torch.zeros_like(cost))
+    return cost.sum()
+
+
 def _enumerated(jit: bool) -> Callable[[int], ELBO]:
     """TraceEnum_ELBO (or its jitted twin) with ``num_particles``, vectorized."""
 
@@ -78,7 +144,7 @@ def _enumerated(jit: bool) -> Callable[[int], ELBO]:
         options = {"num_particles": num_particles, "vectorize_particles": True}
         if jit:  # as the other JIT estimators: shape tests in densities hold for any batch
             return JitTraceEnum_ELBO(**options, max_plate_nesting=_PLATES, ignore_jit_warnings=True)
-        return TraceEnum_ELBO(**options, max_plate_nesting=_PLATES)
+        return Enum_ELBO(**options, max_plate_nesting=_PLATES)
 
     return build
 

@@ -65,15 +65,17 @@ def tensors_not_floats() -> Iterator[None]:
 
 
 class _Loss(nn.Module):
-    """The ELBO's differentiable loss of a model's step program, as a module over its
-    parameters (so ``functional_call`` can put the traced inputs in their place)."""
+    """The ELBO's differentiable loss of a model's step program (its ``traceable_loss``
+    where it has one), as a module over its parameters (so ``functional_call`` can put
+    the traced inputs in their place)."""
 
     def __init__(self, model: nn.Module, program: tuple[Callable, Callable], elbo: Any):
         super().__init__()
         self.model, self.program, self.elbo = model, program, elbo
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.elbo.differentiable_loss(*self.program, *args)
+        loss = getattr(self.elbo, "traceable_loss", self.elbo.differentiable_loss)
+        return loss(*self.program, *args)
 
 
 class TracedStep:

@@ -112,8 +112,9 @@ def estimator(spec: str, num_particles: int, schedule: str = "every-step"):
 
     elbo = estimators.parse(spec)[0].enumerated(num_particles)
     if schedule == "interleave":
-        for name in ("loss", "loss_and_grads", "differentiable_loss"):
-            setattr(elbo, name, _quiet(getattr(elbo, name)))
+        for name in ("loss", "loss_and_grads", "differentiable_loss", "traceable_loss"):
+            if hasattr(elbo, name):
+                setattr(elbo, name, _quiet(getattr(elbo, name)))
     return elbo
 
 
