@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,3 +423,32 @@ def test_a_run_from_before_newer_config_fields_resumes(run_with_checkpoint):
     toml = run_with_checkpoint / "config.toml"
     toml.write_text("\n".join(line for line in toml.read_text().splitlines() if "beta" not in line))
     assert resume(run_with_checkpoint, epochs=2)["epochs"] == 2
+
+
+def test_losses_left_on_the_device_are_read_every_n_steps_and_name_the_bad_step():
+    """The traced step returns its loss as a tensor: the guard reads them every ``every``
+    steps (and at the epoch's end, before anything is evaluated or saved), sums them as the
+    eager floats are summed, and names the first bad step when it reads it."""
+    from pyro_vae.inference.divergence import Guard
+
+    reads = []
+
+    def steps(values, every, bad=None):
+        guard = Guard([torch.zeros(3)], Path("run"), 0, every=every)
+        for step, value in enumerate(values, 1):
+            loss = torch.tensor(float("nan") if step == bad else value)
+            guard.step(lambda x: x, loss, epoch=1, step=step)
+            reads.append(len(guard._pending))
+        return guard
+
+    values = [0.1 * i for i in range(1, 13)]
+    guard = steps(values, every=5)
+    guard.end_of_epoch(1)
+    eager = sum(torch.tensor(v).item() for v in values)  # what the eager loop sums
+    assert guard.epoch_loss() == eager  # the same floats, in the same order
+    assert reads == [1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2], "read at steps 5 and 10"
+    with pytest.raises(TrainingDiverged, match="the loss became NaN or infinite at epoch 1 step 7"):
+        steps(values, every=5, bad=7)
+    guard = steps(values, every=5, bad=12)  # the last step: not read yet
+    with pytest.raises(TrainingDiverged, match="at epoch 1 step 12"):
+        guard.end_of_epoch(1)

@@ -147,12 +147,14 @@ class TracedStep:
             log.info("traced the training step for batches of shape %s", [k[0] for k in key])
         return self.graphs[key]
 
-    def __call__(self, *args: torch.Tensor) -> float:
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        """One step; its loss stays a tensor on the batch's device (the loop's guard reads
+        the losses every ``divergence.CHECK_EVERY`` steps), so the host need not wait."""
         loss, grads = self.graph(args)(self.params, self._weight(args), *args)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         self.optimizer(self.params)
-        return loss.item()
+        return loss.detach()
 
 
 @contextlib.contextmanager

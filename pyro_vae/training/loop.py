@@ -188,7 +188,7 @@ def run(
         for epoch in range(last_saved + 1, t.epochs + 1):
             model.train()
             epoch_start = time.perf_counter()
-            total_loss, images = 0.0, 0
+            images = 0
             batches = model.train_batches(data, t.batch_size, epoch, t.seed, world.rank, world.size)
             batch_size = batches.batch_size
             if batch_size < t.batch_size and epoch == last_saved + 1 and world.is_main:
@@ -208,7 +208,7 @@ def run(
             schedule.start(len(batches))
             for step, args in enumerate(bar, 1):
                 kl.weight = kl.at(epoch - 1 + step / len(batches))
-                total_loss += guard.step(step_fn, *args, epoch=epoch, step=step)
+                guard.step(step_fn, *args, epoch=epoch, step=step)
                 schedule.after_step()
                 images += len(args[0])
                 if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
@@ -217,6 +217,7 @@ def run(
             seconds = time.perf_counter() - epoch_start
             training_seconds += seconds
             guard.end_of_epoch(epoch)
+            total_loss = guard.epoch_loss()
 
             model.eval()
             total_loss, images = distributed.all_sum(world, total_loss, images, device=data.device)
