@@ -33,6 +33,7 @@ SETTINGS = {
     },
     "proportional, alpha 500": {"schedule": "proportional", "aux_weight": 500.0},
     "interleave, alpha 500": {"schedule": "interleave", "aux_weight": 500.0},
+    "proportional, alpha 5000": {"schedule": "proportional", "aux_weight": 5000.0},
     "every-step, intensities": {"binarize": "none"},
     "Pyro's example": {"schedule": "interleave", "binarize": "none", **PYRO_EXAMPLE},
     "Pyro's example, binarized": {"schedule": "interleave", **PYRO_EXAMPLE},

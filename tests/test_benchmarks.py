@@ -39,3 +39,20 @@ def test_throughput_benchmark_times_both_steps_and_writes_json(tmp_path):
 def test_the_ratio_is_the_median_of_each_rounds_paired_ratio():
     """Not the ratio of the medians: a round where the machine slowed both sides cancels."""
     assert paired_ratio([10.0, 4.0, 12.0], [10.0, 2.0, 6.0]) == 2.0  # medians: 10 / 6
+
+
+@needs_mnist
+def test_the_m2_compile_benchmark_times_eager_and_traced_steps(tmp_path):
+    out = tmp_path / "m2.json"
+    args = ["--data-dir", str(mnist_dir()), "--rounds", "1", "--steps", "2"]
+    args += ["--variants", "eager,trace", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "m2_compile.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"eager", "trace"} and rows["eager"]["ratio_to_eager"] == 1.0
+    assert rows["trace"]["compile_seconds"] > 0 and "| trace |" in done.stdout
