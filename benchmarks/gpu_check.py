@@ -1,6 +1,8 @@
-"""GPU check: every component and estimator trains on CUDA; MNIST training and evaluation speed.
+"""GPU check: every component and estimator trains on CUDA; the traced step (``--compile
+trace``) takes the eager steps there; MNIST training and evaluation speed.
 
     python benchmarks/gpu_check.py --data-dir DIR --out DIR
+    python benchmarks/gpu_check.py --data-dir DIR --out DIR --device cpu --no-mnist  # a dry run
 
 Prints one line per check and a JSON summary (also written to OUT/gpu_check.json).
 """
@@ -58,8 +60,47 @@ def few_steps(data, device, elbo="trace", **components):
         svi.step(data.batch(torch.arange(i * 50, i * 50 + 50, device=device)))
     value = log_likelihood(vae, data.test_images[:50], 10)
     assert math.isfinite(value), value
-    assert next(vae.parameters()).is_cuda
+    assert next(vae.parameters()).device.type == device.type
     return round(value, 2)
+
+
+def traced_against_eager(data, device, elbo="trace", kind="vae"):
+    """Three steps eager and three traced from the same weights and seed: the largest
+    difference of their losses (relative) and of their parameters."""
+    from pyro_vae.inference.optim import Adam as FusedAdam
+    from pyro_vae.models.ssvae import SSVAE
+    from pyro_vae.training.compiled import TracedStep
+
+    x = data.batch(torch.arange(64, device=device))
+    args = (
+        (x,)
+        if kind == "vae"
+        else (x[:48], x[48:], torch.eye(10, device=device)[torch.arange(16) % 10])
+    )
+    runs = []
+    for traced in (False, True):
+        pyro.set_rng_seed(0)
+        if kind == "vae":
+            model = VAE((8, 8), latent_dim=4, hidden=(32,)).to(device)
+            loss = estimators.build(elbo, num_particles=1, data_dim=64)
+        else:
+            model = SSVAE((8, 8), latent_dim=4, hidden=(32,)).to(device)
+            loss = model.build_estimator("trace", 1)
+        pyro.clear_param_store()
+        optimizer = FusedAdam(1e-2)
+        if traced:
+            step = TracedStep(model, loss, optimizer, "trace")
+        else:
+            step = SVI(*model.svi_program(), optimizer, loss=loss).step
+        pyro.set_rng_seed(1)
+        with pyro.validation_enabled(False):
+            losses = [float(step(*args)) for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (a, pa), (b, pb) = runs
+    loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
+    param_gap = max((u - v).abs().max().item() for u, v in zip(pa, pb, strict=True))
+    assert loss_gap < 1e-5 and param_gap < 1e-5, (loss_gap, param_gap)
+    return {"loss_gap": loss_gap, "param_gap": param_gap}
 
 
 def main():
@@ -67,11 +108,14 @@ def main():
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-mnist", action="store_true", help="skip the MNIST checks")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
-    print(torch.cuda.get_device_name(), torch.__version__, pyro.__version__, flush=True)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(name, torch.__version__, pyro.__version__, flush=True)
     results = {}
 
     digits = load_dataset("digits")
@@ -98,10 +142,21 @@ def main():
             results,
         )
 
+    for entry in estimators.entries():
+        if entry.traceable:
+            check(
+                f"traced step {entry.example}",
+                lambda e=entry.example: traced_against_eager(data, device, elbo=e),
+                results,
+            )
+    check("traced step m2", lambda: traced_against_eager(data, device, kind="m2"), results)
+    if args.no_mnist:
+        return finish(out, results)
+
     def mnist_run():
         config = Config()
         config.data.dataset, config.data.data_dir = "mnist", args.data_dir
-        config.train.device, config.train.epochs = "cuda", args.epochs
+        config.train.device, config.train.epochs = args.device, args.epochs
         summary = train(config, out / "mnist", overwrite=True, progress=False)
         return {k: summary[k] for k in ("test_elbo", "log_px", "train_images_per_second")}
 
@@ -113,7 +168,7 @@ def main():
     )
     check(
         "mnist evaluate K=5000 on cuda",
-        lambda: evaluate_run(out / "mnist", 5000, args.data_dir, "cuda"),
+        lambda: evaluate_run(out / "mnist", 5000, args.data_dir, args.device),
         results,
     )
     check(
@@ -121,6 +176,10 @@ def main():
         lambda: str(next(load_run(out / "mnist").parameters()).device),
         results,
     )
+    finish(out, results)
+
+
+def finish(out, results):
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
     failed = [k for k, v in results.items() if not v["ok"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
