@@ -9,7 +9,9 @@ modules here. gloo carries the traffic on CPU, nccl on CUDA; rank 0 alone writes
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,5 +131,39 @@ def step(model, program, optimizer, elbo, size: int):
         loss.backward()
         optimizer(params)
         return loss.item() * len(x) / size
+
+    return run
+
+
+def sized(program: tuple[Callable, Callable], size: int) -> tuple[Callable, Callable]:
+    """The step's model and guide with the data plate at the training set's size, as
+    :func:`step` calls them: each rank's loss estimates the whole dataset's ELBO."""
+    return tuple(functools.partial(fn, size=size) for fn in program)
+
+
+class GradientMean:
+    """``optimizer`` applied to the mean of the ranks' gradients, what DDP would average,
+    all-reduced in one flat buffer outside the traced step's graph (``--compile`` under
+    torchrun)."""
+
+    def __init__(self, optimizer: Callable, world: World):
+        self.optimizer, self.world = optimizer, world
+
+    def __call__(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world.size
+        for p, mean in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = mean.view_as(p)
+        self.optimizer(params)
+
+
+def rank_share(step_fn: Callable, size: int) -> Callable:
+    """A traced step under torchrun: its loss, which estimates the whole dataset's, scaled
+    to this rank's batch for the metrics, as :func:`step` returns it (kept a tensor)."""
+
+    def run(x: torch.Tensor, *args):
+        return step_fn(x, *args) * (len(x) / size)
 
     return run

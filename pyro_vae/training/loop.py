@@ -165,8 +165,8 @@ def run(
         step_fn = distributed.step(model, program, optimizer, elbo, data.num_train)
     else:
         step_fn = SVI(*program, optimizer, loss=elbo).step
-        if t.compile != "none":
-            step_fn = _compiled(step_fn, model, program, kl, elbo, optimizer, config)
+    if t.compile != "none":
+        step_fn = _compiled(step_fn, model, program, kl, elbo, optimizer, config, world, data)
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -296,18 +296,33 @@ def _train_record(model: Trainable, kl: KLTerm, epoch: int, mean_loss: float | N
 
 
 def _compiled(
-    eager: Callable, model, program, kl: KLTerm, elbo, optimizer, config: Config
+    eager: Callable,
+    model,
+    program,
+    kl: KLTerm,
+    elbo,
+    optimizer,
+    config: Config,
+    world: distributed.World,
+    data: ImageBatches,
 ) -> Callable:
     """The traced step (``--compile``), made at the first batch; the eager one where the
-    step cannot be traced (said once)."""
+    step cannot be traced (said once). Under torchrun each rank traces its own step,
+    with the data plate at the training set's size, and the ranks' gradients are averaged
+    outside the graph before Adam, as DDP averages them."""
     from .compiled import traced_step
 
     chosen: list[Callable] = []
+    if world.distributed:
+        program = distributed.sized(program, data.num_train)
+        optimizer = distributed.GradientMean(optimizer, world)
 
     def step(*args):
         if not chosen:
             mode, spec = config.train.compile, config.inference.elbo
             traced = traced_step(model, elbo, optimizer, mode, args, spec, program, kl)
+            if traced is not None and world.distributed:
+                traced = distributed.rank_share(traced, data.num_train)
             chosen.append(traced or eager)
         return chosen[0](*args)
 
