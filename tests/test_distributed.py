@@ -116,3 +116,29 @@ def test_a_minibatch_of_the_dataset_scales_the_loss_to_the_dataset(spec):
         pyro.set_rng_seed(1)
         losses.append(elbo.differentiable_loss(vae.model, vae.guide, x, **kwargs).item())
     assert losses[1] == pytest.approx(losses[0] * size / len(x), rel=1e-5)
+
+
+def test_a_rank_that_cannot_trace_makes_every_rank_train_eagerly(monkeypatch, caplog):
+    """Each rank traces its own step; if one cannot (an out-of-memory error there, say),
+    all must take the eager DDP step, or their all-reduces would not match."""
+    import logging
+
+    from pyro_vae.inference.kl import KLTerm
+    from pyro_vae.training import loop
+
+    world = distributed.World(0, 2)
+    monkeypatch.setattr(distributed, "all_sum", lambda world, *values, device: [1.0])
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    data = ImageBatches(load_dataset("digits"))
+    config = small_config(train={"compile": "trace", "validate": False})
+    elbo = estimators.build("trace", num_particles=1, data_dim=64)
+    calls = []
+    with pyro.validation_enabled(False), caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        step = loop._compiled(
+            lambda *args: calls.append(args) or 0.0, vae, vae.svi_program(), KLTerm(), elbo,
+            loop.make_optimizer(config), config, world, data,
+        )  # fmt: skip
+        step(data.batch(torch.arange(64)))
+    assert len(calls) == 1, "this rank traced its step, and took the eager one all the same"
+    assert "another process could not trace its step" in caplog.text

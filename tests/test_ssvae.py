@@ -236,21 +236,24 @@ def test_style_nats_is_own_z_against_a_same_class_image_z(m2, digits):
     assert semi.style_nats(m2, x, labels) == 0.0
 
 
-@pytest.mark.parametrize("kind", ["m2", "adgm", "m2-kl-weight"])
+@pytest.mark.parametrize(
+    "kind", ["m2", "adgm", "m2-kl-weight", "m2-free-bits", "m2-3-particles", "adgm-3-particles"]
+)
 def test_the_traceable_enumerated_loss_is_pyros_loss_and_gradients(kind, digits):
     """``--compile`` traces ``Enum_ELBO.traceable_loss``; eager steps are Pyro's
     ``TraceEnum_ELBO``: under the same draws, the same loss and gradients, for a step with
-    an unlabelled and a scaled labelled batch, the aux term and a KL weight."""
+    an unlabelled and a scaled labelled batch, the aux term, a KL weight, free bits, and
+    vectorized particles (the ADGM's q(y|a,x) then varies along them)."""
     from pyro_vae.inference.kl import KLTerm
     from pyro_vae.models.adgm import ADGM
 
     pyro.set_rng_seed(0)
-    model = (ADGM if kind == "adgm" else SSVAE)((8, 8), latent_dim=3, hidden=(32,))
-    kl = KLTerm(0.25) if kind == "m2-kl-weight" else KLTerm()
+    model = (ADGM if kind.startswith("adgm") else SSVAE)((8, 8), latent_dim=3, hidden=(32,))
+    kl = {"m2-kl-weight": KLTerm(0.25), "m2-free-bits": KLTerm(free_bits=0.5)}.get(kind, KLTerm())
     program = kl.wrap(*model.svi_program())
     images, labels = digits
     args = (images[:20], images[20:30], one_hot(labels[20:30]), torch.tensor(3.0))
-    elbo = model.build_estimator("trace", 1)
+    elbo = model.build_estimator("trace", 3 if "particles" in kind else 1)
     params = list(model.parameters())
     results = []
     for traceable in (False, True):
@@ -319,3 +322,18 @@ def test_the_traceable_enumerated_loss_refuses_what_it_does_not_sum():
 
     with pytest.raises(ValueError, match="'y' is neither enumerated in parallel"):
         elbo.traceable_loss(model, score_guide, torch.zeros(3))
+
+    def two_model(x):
+        with pyro.plate("data", 3):
+            y1 = pyro.sample("y1", pyro.distributions.Bernoulli(0.5))
+            y2 = pyro.sample("y2", pyro.distributions.Bernoulli(0.5))
+            pyro.sample("x", pyro.distributions.Normal(y1 + y2, 1.0), obs=x)
+
+    def nested_guide(x):  # q(y2 | y1): not a product of independent q's
+        with pyro.plate("data", 3):
+            enumerated = {"enumerate": "parallel"}
+            y1 = pyro.sample("y1", pyro.distributions.Bernoulli(0.3), infer=enumerated)
+            pyro.sample("y2", pyro.distributions.Bernoulli(0.2 + 0.6 * y1), infer=enumerated)
+
+    with pytest.raises(ValueError, match="'y2' depends on another one"):
+        elbo.traceable_loss(two_model, nested_guide, torch.zeros(3))

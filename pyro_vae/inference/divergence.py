@@ -75,6 +75,7 @@ class Guard:
             loss = fn(*args)
         except ValueError:
             # With Pyro's validation on, NaN parameters are refused as distribution arguments.
+            self._read()  # a bad loss still waiting names the step that went bad first
             if finite(self.params):
                 raise
             raise self.error("the parameters", f"before epoch {epoch} step {step}") from None

@@ -121,7 +121,9 @@ def _enumerated_weights(model_trace, guide_trace) -> dict[int, torch.Tensor]:
                     f"nor reparameterized"
                 )
             continue
-        if any(n > 1 for i, n in enumerate(reversed(score.shape), 1) if i > -dim):
+        # Pyro gives each later enumerated site a dimension left of the earlier ones'; a q
+        # that spans an earlier site's dimension depends on that site.
+        if any(score.dim() >= -d and score.shape[d] > 1 for d in weights):
             raise ValueError(f"q of the guide's enumerated site {name!r} depends on another one")
         weights[dim] = score.exp()
     return weights
@@ -191,7 +193,10 @@ class Renyi_ELBO(RenyiELBO):
     The loss is -(1/(1-alpha)) log (1/K) sum_k w_k^(1-alpha) over the same vectorized
     guide and replayed model traces, each site's scale and mask honoured as Pyro does.
     For a reparameterized guide its gradient is Pyro's surrogate's,
-    sum_k softmax((1-alpha) log w)_k d log w_k: autograd of the log-sum-exp. A guide with
+    sum_k softmax((1-alpha) log w)_k d log w_k: autograd of the log-sum-exp. The two agree
+    where the data plate is not subsampled, as in every single-process step; with a
+    subsampled plate (``size=``) this loss scales the per-datum bound by N / B (as
+    ``dreg`` does), where Pyro's scales the log-densities inside the weights. A guide with
     a site that is not reparameterized (Pyro adds a score-function term for it) is
     refused, so ``--compile`` falls back to Pyro's eager step for it.
     """

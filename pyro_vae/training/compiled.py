@@ -110,6 +110,7 @@ class TracedStep:
         model.register("model")  # names in Pyro's param store, for the optimizer's state
         model.register("guide")
         self.graphs: dict[tuple, Callable] = {}
+        self.weights: dict[torch.device, torch.Tensor] = {}
 
     def _loss_and_grads(self, params: list[torch.Tensor], weight: torch.Tensor, *args):
         with self.kl.weighted(weight):
@@ -119,8 +120,12 @@ class TracedStep:
         return loss, torch.autograd.grad(loss, params)
 
     def _weight(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The KL weight in force, as the graph's input (on the batch's device)."""
-        return torch.tensor(float(self.kl.weight), device=args[0].device)
+        """The KL weight in force, as the graph's input: one buffer per device, filled in
+        place (a kernel with the value as its argument, no copy from the host to wait on)."""
+        device = args[0].device
+        if device not in self.weights:
+            self.weights[device] = torch.zeros((), device=device)
+        return self.weights[device].fill_(float(self.kl.weight))
 
     def graph(self, args: tuple[torch.Tensor, ...]) -> Callable:
         """The graph for batches shaped like ``args``: traced (and compiled) on first use."""

@@ -321,8 +321,14 @@ def _compiled(
         if not chosen:
             mode, spec = config.train.compile, config.inference.elbo
             traced = traced_step(model, elbo, optimizer, mode, args, spec, program, kl)
-            if traced is not None and world.distributed:
-                traced = distributed.rank_share(traced, data.num_train)
+            if world.distributed:  # every rank takes the same step, or their collectives differ
+                (ok,) = distributed.all_sum(world, float(traced is not None), device=data.device)
+                if traced is not None and ok < world.size:
+                    log.warning("--compile: another process could not trace its step; "
+                                "training eagerly")  # fmt: skip
+                    traced = None
+                if traced is not None:
+                    traced = distributed.rank_share(traced, data.num_train)
             chosen.append(traced or eager)
         return chosen[0](*args)
 
