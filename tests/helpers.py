@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyro
 import pytest
 
 from pyro_vae.config import Config
@@ -109,3 +110,22 @@ def one_hot(labels, n=10):
     import torch
 
     return torch.nn.functional.one_hot(labels, n).float()
+
+
+def pyro_and_our_loss(params, pyro_step, our_loss, seed=1):
+    """(loss, gradients) of Pyro's ``loss_and_grads`` call ``pyro_step()`` and of our
+    differentiable ``our_loss()``, each from the same seed: for checking that a loss we
+    trace is Pyro's in value and gradient."""
+    results = []
+    for ours in (False, True):
+        pyro.set_rng_seed(seed)
+        for p in params:
+            p.grad = None
+        if ours:
+            loss = our_loss()
+            loss.backward()
+            loss = loss.item()
+        else:
+            loss = pyro_step()
+        results.append((loss, [p.grad for p in params]))
+    return results

@@ -24,7 +24,7 @@ from pyro_vae.inference.elbos import (
 )
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 
-from .helpers import small_config
+from .helpers import pyro_and_our_loss, small_config
 
 
 @pytest.fixture(scope="module")
@@ -325,20 +325,11 @@ def test_the_renyi_bounds_differentiable_loss_is_pyros_loss_and_gradients(spec, 
     kl = {"none": KLTerm(), "kl-weight": KLTerm(0.25), "free-bits": KLTerm(free_bits=0.5)}[knob]
     program = kl.wrap(vae.model, vae.guide)
     elbo = estimators.build(spec)
-    params = list(vae.parameters())
-    results = []
-    for differentiable in (False, True):
-        pyro.set_rng_seed(1)
-        for p in params:
-            p.grad = None
-        if differentiable:
-            loss = elbo.differentiable_loss(*program, x)
-            loss.backward()
-            loss = loss.item()
-        else:
-            loss = elbo.loss_and_grads(*program, x)
-        results.append((loss, [p.grad.clone() for p in params]))
-    (pyro_loss, pyro_grads), (loss, grads) = results
+    (pyro_loss, pyro_grads), (loss, grads) = pyro_and_our_loss(
+        list(vae.parameters()),
+        lambda: elbo.loss_and_grads(*program, x),
+        lambda: elbo.differentiable_loss(*program, x),
+    )
     assert loss == pytest.approx(pyro_loss, rel=1e-6)
     for a, b in zip(grads, pyro_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

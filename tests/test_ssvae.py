@@ -11,7 +11,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro_vae import ImageBatches, PyroVAEError, load_dataset, semi
 from pyro_vae.models.ssvae import SSVAE
 
-from .helpers import one_hot, static_digits
+from .helpers import one_hot, pyro_and_our_loss, static_digits
 
 
 @pytest.fixture
@@ -254,20 +254,11 @@ def test_the_traceable_enumerated_loss_is_pyros_loss_and_gradients(kind, digits)
     images, labels = digits
     args = (images[:20], images[20:30], one_hot(labels[20:30]), torch.tensor(3.0))
     elbo = model.build_estimator("trace", 3 if "particles" in kind else 1)
-    params = list(model.parameters())
-    results = []
-    for traceable in (False, True):
-        pyro.set_rng_seed(1)
-        for p in params:
-            p.grad = None
-        if traceable:
-            loss = elbo.traceable_loss(*program, *args)
-            loss.backward()
-            loss = loss.item()
-        else:
-            loss = elbo.loss_and_grads(*program, *args)
-        results.append((loss, [p.grad for p in params]))
-    (pyro_loss, pyro_grads), (loss, grads) = results
+    (pyro_loss, pyro_grads), (loss, grads) = pyro_and_our_loss(
+        list(model.parameters()),
+        lambda: elbo.loss_and_grads(*program, *args),
+        lambda: elbo.traceable_loss(*program, *args),
+    )
     assert loss == pytest.approx(pyro_loss, rel=1e-6)
     assert all(g is not None for g in pyro_grads)
     for a, b in zip(grads, pyro_grads, strict=True):
