@@ -13,18 +13,24 @@ sys.path.insert(0, str(BENCHMARKS))
 from throughput import paired_ratio  # noqa: E402
 
 
-@needs_mnist
-def test_throughput_benchmark_times_both_steps_and_writes_json(tmp_path):
-    out = tmp_path / "throughput.json"
-    args = ["--data-dir", str(mnist_dir()), "--batch-sizes", "32", "--rounds", "3"]
-    args += ["--seconds", "0.05", "--out", str(out)]
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/SCRIPT ARGS``, which must succeed."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "throughput.py"), *args],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@needs_mnist
+def test_throughput_benchmark_times_both_steps_and_writes_json(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = ["--data-dir", str(mnist_dir()), "--batch-sizes", "32", "--rounds", "3"]
+    args += ["--seconds", "0.05", "--out", str(out)]
+    done = run_benchmark("throughput.py", *args)
     (row,) = json.loads(out.read_text())["results"]
     rates, rounds = row["images_per_second"], row["rounds"]
     assert set(rates) == {"pyro-vae", "hand-written PyTorch", "plain Pyro (its examples' style)"}
@@ -46,13 +52,7 @@ def test_the_m2_compile_benchmark_times_eager_and_traced_steps(tmp_path):
     out = tmp_path / "m2.json"
     args = ["--data-dir", str(mnist_dir()), "--rounds", "1", "--steps", "2"]
     args += ["--variants", "eager,trace", "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "m2_compile.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_benchmark("m2_compile.py", *args)
     rows = {row["variant"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"eager", "trace"} and rows["eager"]["ratio_to_eager"] == 1.0
     assert rows["trace"]["compile_seconds"] > 0 and "| trace |" in done.stdout
