@@ -30,6 +30,7 @@ BINARIZATIONS = ("dynamic", "static", "none")
 COMPILE_MODES = ("none", "trace", "inductor")
 LABELLED_SCHEDULES = ("every-step", "proportional", "interleave")
 AUX_SCALINGS = ("absolute", "data")
+M1_FEATURES = ("mean", "sample")
 SNR_REPEATS = 100
 """Gradient draws per estimator for the gradient SNR of ``pyro-vae compare``."""
 
@@ -163,6 +164,11 @@ class SemiConfig:
         None, "training images held out", shown="10000, or 1/5 if fewer"
     )
     m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent means M2 models")
+    m1_features: str = option(
+        "mean",
+        "m1m2: what M2 trains on: mean (of M1's q(z1|x)) or sample (a fresh z1 ~ q(z1|x) "
+        "at every step, as Kingma et al.); held-out numbers always use the mean",
+    )
 
 
 @dataclass
@@ -400,6 +406,10 @@ def validate(config: Config) -> Config:
         (
             s.schedule in LABELLED_SCHEDULES,
             f"semi.schedule must be one of {', '.join(LABELLED_SCHEDULES)}",
+        ),
+        (
+            s.m1_features in M1_FEATURES,
+            f"semi.m1_features must be one of {', '.join(M1_FEATURES)}",
         ),
     )
     validate_training(config)

@@ -10,6 +10,7 @@ import torch
 from pyro_vae import ImageBatches, evaluate_run, load_dataset, load_run, semi, train
 from pyro_vae.cli import main
 from pyro_vae.components.nets import mlp
+from pyro_vae.models.ssvae import M1M2
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 from pyro_vae.training.train import resume, summary_line
 
@@ -100,10 +101,41 @@ def test_m1m2_stacks_m2_on_a_trained_vae_and_keeps_it_in_its_checkpoint(trained_
     assert (tmp_path / "m1m2" / "analogies.png").exists()
 
 
+def m1m2_config(m1, features: str, epochs: int):
+    config = m2_config(epochs=epochs)
+    config.model.kind, config.model.likelihood, config.semi.m1_run = "m1m2", "gaussian", str(m1)
+    config.semi.m1_features = features
+    return config
+
+
+def test_m1m2_trains_on_draws_of_m1s_posterior_and_resumes_exactly(trained_run, tmp_path):
+    model = load_run(trained_run)
+    images = ImageBatches(load_dataset("digits")).test_images[:500]
+    m1m2 = M1M2(model, m1_features="sample", hidden=(64,), latent_dim=4)
+    first, second = m1m2.train_features(images), m1m2.train_features(images)
+    mean = m1m2.features(images)
+    assert not torch.equal(first, second), "a fresh draw at every step"
+    scale = model.encode(images).stddev
+    assert ((first - mean) / scale).std().item() == pytest.approx(1.0, abs=0.05)
+    assert ((first - mean) / scale).mean().item() == pytest.approx(0.0, abs=0.05)
+    assert torch.equal(m1m2.predict(images), m1m2.classifier_net(mean).argmax(-1))
+
+    runs = {}
+    for name, features, epochs in [("mean", "mean", 2), ("a", "sample", 2), ("b", "sample", 1)]:
+        train(m1m2_config(trained_run, features, epochs), tmp_path / name, progress=False)
+    resume(tmp_path / "b", epochs=2, progress=False)
+    for name in ("mean", "a", "b"):
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["mean"][k]) for k in runs["a"])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--model", "m1m2"], "needs --m1-run"),
+        (["--model", "m2", "--m1-features", "sample"], "is for --model m1m2"),
+        (["--model", "m2", "--m1-features", "draw"], "semi.m1_features must be one of"),
         (["--model", "m2", "--labeled", "55"], "multiple of 10"),
         (["--model", "m2", "--labeled", "1200"], "no unlabelled"),
         (["--model", "m2", "--elbo", "iwae:5"], "does not run m2"),

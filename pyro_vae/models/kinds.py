@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config
+from ..config import Config, SemiConfig
 from ..errors import PyroVAEError
 from ..registry import Registry, import_plugins
 from .ssvae import M1M2, SSVAE
@@ -113,6 +113,8 @@ def validate_m2(config: Config) -> None:
     _validate_semi(config)
     if config.semi.m1_run:
         raise PyroVAEError("--m1-run is for --model m1m2; M2 models the images themselves")
+    if config.semi.m1_features != SemiConfig.m1_features:
+        raise PyroVAEError("--m1-features is for --model m1m2; M2 models the images themselves")
 
 
 @register("m2", section="semi", needs_enumeration=True, validate=validate_m2)
@@ -156,4 +158,4 @@ def m1m2(config: Config, image_shape, num_classes: int, checkpoint, prepared) ->
         m1.config = m1_config
     else:
         m1 = prepared
-    return M1M2(m1, **semi_options(config, num_classes))
+    return M1M2(m1, m1_features=config.semi.m1_features, **semi_options(config, num_classes))

@@ -24,7 +24,7 @@ from ..components.guides import guides
 from ..components.likelihoods import likelihoods
 from ..components.nets import mlp
 from ..components.priors import priors
-from ..config import AUX_SCALINGS, LABELLED_SCHEDULES, SemiConfig
+from ..config import AUX_SCALINGS, LABELLED_SCHEDULES, M1_FEATURES, SemiConfig
 from ..errors import PyroVAEError
 from ..registry import check_positive
 from .base import PyroProgram
@@ -194,6 +194,10 @@ class SSVAE(PyroProgram):
         """What M2 models, from flattened images: the images themselves."""
         return images
 
+    def train_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What a training step models (``features`` unless a subclass draws them)."""
+        return self.features(images)
+
     @torch.no_grad()
     def class_logits_of(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y|x) for features ``x``."""
@@ -321,14 +325,19 @@ class M1M2(SSVAE):
     """Kingma et al.'s stacked model: M2 over the latent means of a trained VAE, M1.
 
     M1 is frozen and outside Pyro's param store: M2 sees ``features(images)``, the
-    mean of M1's q(z1|x), and pictures go back through M1's decoder.
+    mean of M1's q(z1|x), and pictures go back through M1's decoder. With
+    ``m1_features="sample"`` training steps see draws of q(z1|x) instead
+    (``train_features``); every held-out number still reads the mean.
     """
 
     pyro_name = "m1m2"
 
-    def __init__(self, m1: VAE, **m2_options: Any):
+    def __init__(self, m1: VAE, m1_features: str = SemiConfig.m1_features, **m2_options: Any):
         super().__init__((m1.latent_dim,), **m2_options)
+        if m1_features not in M1_FEATURES:
+            raise PyroVAEError(f"m1_features must be one of {', '.join(M1_FEATURES)}")
         self.m1 = m1.requires_grad_(False).eval()
+        self.m1_features = m1_features
         self.image_shape = m1.image_shape
 
     def train(self, mode: bool = True) -> M1M2:
@@ -343,6 +352,14 @@ class M1M2(SSVAE):
             return q.mean
         except NotImplementedError:  # flows have no closed-form mean
             return q.sample()
+
+    @torch.no_grad()
+    def train_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The mean of q(z1|x), or with ``m1_features="sample"`` a fresh draw z1 ~ q(z1|x)
+        from torch's generator (Kingma et al. 2014 train M2 on such draws)."""
+        if self.m1_features == "mean":
+            return self.features(images)
+        return self.m1.encode(images).sample()
 
     @torch.no_grad()
     def image(self, decoded: torch.Tensor) -> torch.Tensor:

@@ -259,7 +259,7 @@ def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int,
 
     def labelled_batch():
         at = next(labelled)
-        return model.features(data.batch(labelled_index[at])), y_labelled[at]
+        return model.train_features(data.batch(labelled_index[at])), y_labelled[at]
 
     def step(x, labelled=None, scale=1.0):
         # Only what differs from semi_model's defaults is passed, the scale as a tensor: the
@@ -277,7 +277,7 @@ def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int,
                 x_l, y = labelled_batch()
                 yield step(x_l[:0], (x_l, y))
                 continue
-            x = model.features(next(unlabelled_batches))
+            x = model.train_features(next(unlabelled_batches))
             if model.schedule == "interleave":
                 yield step(x)
                 continue
