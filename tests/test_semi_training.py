@@ -30,7 +30,8 @@ def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_pat
     assert (summary["labeled"], summary["unlabelled"], summary["validation"]) == (100, 1100, 300)
     assert capsys.readouterr().out.endswith(
         f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f}  "
-        f"style in z {summary['style_nats']:.2f} nats (100 labels)\n"
+        f"style in z {summary['style_nats']:.2f} nats  class from y {summary['class_from_y']:.3f} "
+        f"(100 labels)\n"
     )
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2]

@@ -1,6 +1,7 @@
 """Semi-supervised M2 as a Pyro program: enumeration over y, its sites, components, the split."""
 
 import math
+from types import SimpleNamespace
 
 import pyro
 import pyro.poutine as poutine
@@ -234,6 +235,36 @@ def test_style_nats_is_own_z_against_a_same_class_image_z(m2, digits):
     with torch.no_grad():
         m2.decoder[0].weight[:, : m2.latent_dim] = 0  # the decoder now ignores z
     assert semi.style_nats(m2, x, labels) == 0.0
+
+
+def test_class_from_y_counts_decodings_the_classifier_gives_the_class_they_were_drawn_with(
+    m2, digits
+):
+    x = digits[0][:30]
+    with torch.no_grad():
+        z = m2.style(x)
+        expected = (
+            sum(
+                (m2.classifier_net(m2.decode(z, torch.full((30,), c))).argmax(-1) == c).sum().item()
+                for c in range(10)
+            )
+            / 300
+        )
+    assert semi.class_from_y(m2, x) == expected
+    # A stand-in whose decoder draws class c only for styles z >= c / 10 (else class 0):
+    # of each image's 10 decodings, floor(10 z) + 1 keep their class (c = 0 always does).
+    stub = SimpleNamespace(
+        num_classes=10,
+        style=lambda images: images[:, 0],
+        decode=lambda z, c: one_hot(torch.where(z >= c / 10, c, 0)),
+        class_logits_of=lambda decoded: decoded,
+    )
+    z = torch.rand(1001, 1)
+    expected = ((z[:, 0] * 10).floor() + 1).sum().item() / (1001 * 10)
+    assert semi.class_from_y(stub, z) == pytest.approx(expected, rel=1e-12)
+    with torch.no_grad():
+        m2.decoder[0].weight[:, m2.latent_dim :] = 0  # the decoder now ignores y
+    assert semi.class_from_y(m2, x) == 0.1
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,7 @@ LABELS = {
     "validation_accuracy": ("validation accuracy", ".4f"),
     "test_accuracy": ("test accuracy", ".4f"),
     "style_nats": ("style in z", ".2f"),
+    "class_from_y": ("class from y", ".3f"),
     "kl_weight": ("KL weight", ".3g"),
     "lr": ("lr", ".3g"),
 }

@@ -198,6 +198,22 @@ def style_nats(model: SSVAE, images: torch.Tensor, labels: torch.Tensor) -> floa
     return total / len(images)
 
 
+@torch.no_grad()
+def class_from_y(model: SSVAE, images: torch.Tensor) -> float:
+    """How far y sets the class of what the decoder draws: over ``images`` and every class
+    c, the fraction of decodings of (the image's z, c) (``model.style`` and the means of
+    p(x|y=c,z)) that the model's own q(y|x) assigns to c. 1 when y alone sets the class;
+    exactly 1/classes when the decoder ignores y (each image decodes alike for every c)."""
+    k = model.num_classes
+    classes = torch.arange(k, device=images.device)
+    hits = 0
+    for xb in images.split(EVAL_BATCH // k):
+        z = model.style(xb).repeat_interleave(k, 0)
+        c = classes.repeat(len(xb))
+        hits += (model.class_logits_of(model.decode(z, c)).argmax(-1) == c).sum().item()
+    return hits / (len(images) * k)
+
+
 def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
     """The split ``model`` trains on (its ``labeled`` and ``validation``), computed once
     per data and seed."""
@@ -289,8 +305,9 @@ def train_batches(model: SSVAE, data: ImageBatches, batch_size: int, epoch: int,
 
 
 def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | None]:
-    """Test ELBO (y summed out), validation and test accuracy of q(y|x), and the style
-    that z carries (``style_nats``) on the test images."""
+    """Test ELBO (y summed out), validation and test accuracy of q(y|x), the style that
+    z carries (``style_nats``) and how far y sets the class (``class_from_y``) on the test
+    images."""
     parts = split_for_model(model, data, seed)
     device = data.test_images.device
     validation = None
@@ -301,11 +318,13 @@ def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | N
     with seeded(EVAL_SEED, device):
         test_elbo = elbo(model, data.test_images)
         style = style_nats(model, data.test_images, test_labels)
+        from_y = class_from_y(model, data.test_images)
     return {
         "test_elbo": test_elbo,
         "validation_accuracy": validation,
         "test_accuracy": accuracy(model, data.test_images, test_labels),
         "style_nats": style,
+        "class_from_y": from_y,
     }
 
 
@@ -371,9 +390,11 @@ def evaluate(model: SSVAE, data: ImageBatches, seed: int = EVAL_SEED) -> dict[st
     with seeded(seed, data.test_images.device):
         test_elbo = elbo(model, data.test_images)
         style = style_nats(model, data.test_images, labels)
+        from_y = class_from_y(model, data.test_images)
     return {
         "test_accuracy": accuracy(model, data.test_images, labels),
         "test_elbo": test_elbo,
         "style_nats": style,
+        "class_from_y": from_y,
         "continuous": getattr(model.likelihood, "continuous", False),
     }

@@ -163,6 +163,8 @@ def summary_line(summary: dict[str, Any]) -> str:
         line = f"test accuracy {summary['test_accuracy']:.4f}  test ELBO {summary['test_elbo']:.2f}"
         if summary.get("style_nats") is not None:
             line += f"  style in z {summary['style_nats']:.2f} nats"
+        if summary.get("class_from_y") is not None:
+            line += f"  class from y {summary['class_from_y']:.3f}"
         if "labeled" in summary:
             line += f" ({summary['labeled']} labels)"
     else:
