@@ -11,8 +11,8 @@ with Maaløe et al.'s auxiliary variable, same sizes. Prints a Markdown table
 
     python benchmarks/semi_supervised.py --data-dir ../shared/data --epochs 30
 
-Every row takes the same ``--labelled-schedule`` and ``--aux-weight``; ``--m1-features
-sample`` trains M1+M2 on draws of M1's posterior instead of its means.
+Every row takes the same ``--labelled-schedule`` and ``--aux-weight``; M1+M2 trains on
+draws of M1's posterior (``--m1-features mean``: on its means).
 """
 
 import argparse
@@ -88,7 +88,7 @@ def main() -> None:
         "--m1-prior", default="vamp:500", help="M1's prior (a VampPrior M1 helps M1+M2)"
     )
     parser.add_argument(
-        "--m1-features", default="mean", help="M1+M2 trains on M1's means or on draws (sample)"
+        "--m1-features", default="sample", help="M1+M2 trains on draws of M1 or its means (mean)"
     )
     parser.add_argument("--labelled-schedule", default="every-step", help="of every row")
     parser.add_argument("--aux-weight", type=float, default=50.0, help="of every row")

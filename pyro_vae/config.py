@@ -165,9 +165,9 @@ class SemiConfig:
     )
     m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent means M2 models")
     m1_features: str = option(
-        "mean",
-        "m1m2: what M2 trains on: mean (of M1's q(z1|x)) or sample (a fresh z1 ~ q(z1|x) "
-        "at every step, as Kingma et al.); held-out numbers always use the mean",
+        "sample",
+        "m1m2: what M2 trains on: sample (a fresh z1 ~ q(z1|x) at every step, as Kingma "
+        "et al.) or mean (of M1's q(z1|x)); held-out numbers always use the mean",
     )
 
 

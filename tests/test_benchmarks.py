@@ -60,11 +60,11 @@ def test_the_m2_compile_benchmark_times_eager_and_traced_steps(tmp_path):
 
 def test_the_semi_supervised_benchmark_writes_its_table_with_every_row(tmp_path):
     args = ["--dataset", "digits", "--labels", "100", "--epochs", "1", "--m1-epochs", "1"]
-    args += ["--hidden", "32", "--latent-dim", "4", "--m1-features", "sample"]
+    args += ["--hidden", "32", "--latent-dim", "4", "--m1-features", "mean"]
     run_benchmark("semi_supervised.py", *args, "--out", str(tmp_path))
     rows = json.loads((tmp_path / "semi_supervised.json").read_text())
     assert [(r["model"], r["labels"]) for r in rows] == [("M2", 100), ("M1+M2", 100), ("ADGM", 100)]
     config = (tmp_path / "m1m2-100" / "config.toml").read_text()
-    assert 'm1_features = "sample"' in config
+    assert 'm1_features = "mean"' in config, "not the default, sample"
     table = (tmp_path / "semi_supervised.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and "class from y" in table[0]

@@ -135,7 +135,7 @@ def test_m1m2_trains_on_draws_of_m1s_posterior_and_resumes_exactly(trained_run, 
     "args, message",
     [
         (["--model", "m1m2"], "needs --m1-run"),
-        (["--model", "m2", "--m1-features", "sample"], "is for --model m1m2"),
+        (["--model", "m2", "--m1-features", "mean"], "is for --model m1m2"),
         (["--model", "m2", "--m1-features", "draw"], "semi.m1_features must be one of"),
         (["--model", "m2", "--labeled", "55"], "multiple of 10"),
         (["--model", "m2", "--labeled", "1200"], "no unlabelled"),
