@@ -274,12 +274,22 @@ def from_dict(tree: dict[str, Any], base: Config | None = None) -> Config:
     return config
 
 
+def saved_run_config(tree: dict[str, Any]) -> Config:
+    """A run's saved config (its config file's or its checkpoint's tree), read as the run
+    trained: an M1+M2 run saved before ``semi.m1_features`` existed trained on M1's means,
+    not on the draws that are the default now."""
+    semi = tree.get("semi", {})
+    if tree.get("model", {}).get("kind") == "m1m2" and "m1_features" not in semi:
+        tree = {**tree, "semi": {**semi, "m1_features": "mean"}}
+    return from_dict(tree)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load(path: str | Path) -> Config:
-    """Read a TOML config file."""
+def load(path: str | Path, saved_run: bool = False) -> Config:
+    """Read a TOML config file (``saved_run``: a run's own, see ``saved_run_config``)."""
     try:
         with open(path, "rb") as f:
             tree = tomllib.load(f)
@@ -287,7 +297,7 @@ def load(path: str | Path) -> Config:
         raise PyroVAEError(f"config file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PyroVAEError(f"cannot read config file {path}: {e}") from None
-    config = from_dict(tree)
+    config = saved_run_config(tree) if saved_run else from_dict(tree)
     resolve_paths(config, Path(path).parent)
     return config
 

@@ -131,6 +131,21 @@ def test_m1m2_trains_on_draws_of_m1s_posterior_and_resumes_exactly(trained_run, 
     assert not all(torch.equal(runs["a"][k], runs["mean"][k]) for k in runs["a"])
 
 
+def test_an_m1m2_run_saved_before_m1_features_existed_resumes_on_the_means(trained_run, tmp_path):
+    train(m1m2_config(trained_run, "mean", 2), tmp_path / "a", progress=False)
+    train(m1m2_config(trained_run, "mean", 1), tmp_path / "b", progress=False)
+    config_file = tmp_path / "b" / "config.toml"  # as written before the field existed
+    config_file.write_text(config_file.read_text().replace('m1_features = "mean"\n', ""))
+    checkpoint = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    del checkpoint["config"]["semi"]["m1_features"]
+    torch.save(checkpoint, tmp_path / "b" / "checkpoint.pt")
+    assert load_run(tmp_path / "b").m1_features == "mean", "not today's default, sample"
+    resume(tmp_path / "b", epochs=2, progress=False)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

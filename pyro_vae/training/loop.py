@@ -499,7 +499,7 @@ def fit(
 def _resumed(run_dir: Path, config: Config, device: torch.device) -> dict | None:
     """The checkpoint a resumed run continues from (None: it had none yet), checked to be
     of the same settings, but for ``epochs``."""
-    from ..config import from_dict, to_dict
+    from ..config import saved_run_config, to_dict
     from ..errors import PyroVAEError
     from .runs import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 
@@ -508,8 +508,9 @@ def _resumed(run_dir: Path, config: Config, device: torch.device) -> dict | None
     if not (run_dir / CHECKPOINT_FILE).exists():
         return None
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location=device)
-    # from_dict fills in fields added since the checkpoint was written with their defaults
-    saved = to_dict(from_dict(checkpoint["config"]))
+    # fields added since the checkpoint was written come with their defaults (or the
+    # behaviour the run had, where the default changed: saved_run_config)
+    saved = to_dict(saved_run_config(checkpoint["config"]))
     if _without_epochs(saved) != _without_epochs(to_dict(config)):
         raise PyroVAEError(
             f"the checkpoint in {run_dir} is from another config than its {CONFIG_FILE}"

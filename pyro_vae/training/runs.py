@@ -235,7 +235,7 @@ def load_run(
     them, for a plugin file that has moved.
     """
     checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_FILE, map_location=device)
-    config = config_lib.from_dict(checkpoint["config"])
+    config = config_lib.saved_run_config(checkpoint["config"])
     if plugins is not None:
         config.model.plugins = config_lib.resolve_plugin_paths(plugins, Path.cwd())
     _import_run_plugins(config, plugins is not None)

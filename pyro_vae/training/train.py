@@ -131,7 +131,7 @@ def resume(
         raise PyroVAEError("--resume under torchrun is not supported yet; resume in one process")
     if not (run_dir / CONFIG_FILE).is_file():
         raise PyroVAEError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_config(run_dir / CONFIG_FILE, saved_run=True)
     if epochs is not None:
         config.train.epochs = epochs
     validate(config)
