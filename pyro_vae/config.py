@@ -163,7 +163,7 @@ class SemiConfig:
     validation: int | None = option(
         None, "training images held out", shown="10000, or 1/5 if fewer"
     )
-    m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent means M2 models")
+    m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent code M2 models")
     m1_features: str = option(
         "sample",
         "m1m2: what M2 trains on: sample (a fresh z1 ~ q(z1|x) at every step, as Kingma "
