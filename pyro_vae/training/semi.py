@@ -314,17 +314,13 @@ def held_out(model: SSVAE, data: ImageBatches, seed: int) -> dict[str, float | N
     if len(parts.validation):
         labels = data.dataset.train_labels[parts.validation].to(device)
         validation = accuracy(model, data.fixed(parts.validation), labels)
-    test_labels = data.dataset.test_labels.to(device)
-    with seeded(EVAL_SEED, device):
-        test_elbo = elbo(model, data.test_images)
-        style = style_nats(model, data.test_images, test_labels)
-        from_y = class_from_y(model, data.test_images)
+    test = evaluate(model, data, EVAL_SEED)
     return {
-        "test_elbo": test_elbo,
+        "test_elbo": test["test_elbo"],
         "validation_accuracy": validation,
-        "test_accuracy": accuracy(model, data.test_images, test_labels),
-        "style_nats": style,
-        "class_from_y": from_y,
+        "test_accuracy": test["test_accuracy"],
+        "style_nats": test["style_nats"],
+        "class_from_y": test["class_from_y"],
     }
 
 
