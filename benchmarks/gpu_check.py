@@ -1,5 +1,6 @@
 """GPU check: every component and estimator trains on CUDA; the traced step (``--compile
-trace``) takes the eager steps there; MNIST training and evaluation speed.
+trace``) and the step captured in a CUDA graph (``--compile cudagraph``) take the eager
+steps there; MNIST training and evaluation speed.
 
     python benchmarks/gpu_check.py --data-dir DIR --out DIR
     python benchmarks/gpu_check.py --data-dir DIR --out DIR --device cpu --no-mnist  # a dry run
@@ -64,12 +65,13 @@ def few_steps(data, device, elbo="trace", **components):
     return round(value, 2)
 
 
-def traced_against_eager(data, device, elbo="trace", kind="vae"):
-    """Three steps eager and three traced from the same weights and seed: the largest
+def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", **components):
+    """Three steps eager and three traced (``mode``: ``trace``, or ``cudagraph`` for the
+    traced step captured in a CUDA graph) from the same weights and seed: the largest
     difference of their losses (relative) and of their parameters."""
     from pyro_vae.inference.optim import Adam as FusedAdam
     from pyro_vae.models.ssvae import SSVAE
-    from pyro_vae.training.compiled import TracedStep
+    from pyro_vae.training.compiled import CapturedStep, TracedStep
 
     x = data.batch(torch.arange(64, device=device))
     args = (
@@ -81,7 +83,7 @@ def traced_against_eager(data, device, elbo="trace", kind="vae"):
     for traced in (False, True):
         pyro.set_rng_seed(0)
         if kind == "vae":
-            model = VAE((8, 8), latent_dim=4, hidden=(32,)).to(device)
+            model = VAE((8, 8), latent_dim=4, hidden=(32,), **components).to(device)
             loss = estimators.build(elbo, num_particles=1, data_dim=64)
         else:
             model = SSVAE((8, 8), latent_dim=4, hidden=(32,)).to(device)
@@ -89,12 +91,17 @@ def traced_against_eager(data, device, elbo="trace", kind="vae"):
         pyro.clear_param_store()
         optimizer = FusedAdam(1e-2)
         if traced:
-            step = TracedStep(model, loss, optimizer, "trace")
+            step = (CapturedStep if mode == "cudagraph" else TracedStep)(
+                model, loss, optimizer, mode
+            )
         else:
             step = SVI(*model.svi_program(), optimizer, loss=loss).step
         pyro.set_rng_seed(1)
         with pyro.validation_enabled(False):
-            losses = [float(step(*args)) for _ in range(3)]
+            losses = [step(*args) for _ in range(3)]
+            losses = [float(v) for v in losses]  # read after all three: replays overwrite
+        if traced and mode == "cudagraph":
+            assert all(step.captures.values()), "the step was not captured"
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     (a, pa), (b, pb) = runs
     loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
@@ -150,6 +157,30 @@ def main():
                 results,
             )
     check("traced step m2", lambda: traced_against_eager(data, device, kind="m2"), results)
+    if device.type == "cuda":
+        for entry in estimators.entries():
+            if entry.traceable:
+                check(
+                    f"captured step {entry.example}",
+                    lambda e=entry.example: traced_against_eager(
+                        data, device, elbo=e, mode="cudagraph"
+                    ),
+                    results,
+                )
+        for p, lik, g in itertools.product(
+            priors.entries(), likelihoods.entries(), guides.entries()
+        ):
+            spec = dict(prior=p.example, likelihood=lik.example, guide=g.example)
+            check(
+                f"captured step {p.example} {lik.example} {g.example}",
+                lambda s=spec: traced_against_eager(data, device, mode="cudagraph", **s),
+                results,
+            )
+        check(
+            "captured step m2",
+            lambda: traced_against_eager(data, device, kind="m2", mode="cudagraph"),
+            results,
+        )
     if args.no_mnist:
         return finish(out, results)
 

@@ -21,6 +21,11 @@ median over rounds of each round's ratio), and writes JSON.
     python benchmarks/throughput.py --numpyro-python /path/to/python   # adds NumPyro's jitted epoch
     python benchmarks/throughput.py --elbo jit-trace   # pyro-vae with another estimator
     python benchmarks/throughput.py --quick --compile  # adds the step compiled by inductor
+    python benchmarks/throughput.py --device cuda --cudagraph  # adds the CUDA-graph rows
+
+With ``--cudagraph`` on a GPU two rows join: pyro-vae's step captured in a CUDA graph
+(``--compile cudagraph``), and the hand-written step with its batch, forward, backward
+and Adam (``capturable=True``) captured whole in one CUDA graph per batch size.
 """
 
 import argparse
@@ -90,9 +95,10 @@ def pyro_vae_step(data, device, elbo="trace"):
     return step
 
 
-def pyro_vae_compiled_step(data, device, elbo="trace"):
-    """pyro-vae's step traced and compiled with inductor (``--compile inductor``); the
-    compile (about 20 s per batch shape on 2 cores) happens at the warm-up, not timed."""
+def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor"):
+    """pyro-vae's step traced and compiled with inductor (``--compile inductor``), or
+    captured in a CUDA graph (``mode="cudagraph"``); the compile (about 20 s per batch
+    shape on 2 cores) or the capture happens at the warm-up, not timed."""
     from pyro_vae.training.compiled import traced_step
 
     config = Config()
@@ -106,10 +112,14 @@ def pyro_vae_compiled_step(data, device, elbo="trace"):
         x = data.batch(index)
         with pyro.validation_enabled(False):
             if not step_fn:
-                step_fn.append(traced_step(vae, estimator, optimizer, "inductor", (x,), elbo))
+                step_fn.append(traced_step(vae, estimator, optimizer, mode, (x,), elbo))
             return guard.step(step_fn[0], x, epoch=1, step=1)
 
     return step
+
+
+def pyro_vae_captured_step(data, device, elbo="trace"):
+    return pyro_vae_compiled_step(data, device, elbo, mode="cudagraph")
 
 
 def hand_written_step(data, device, elbo=None):
@@ -125,6 +135,44 @@ def hand_written_step(data, device, elbo=None):
         loss.backward()
         optimizer.step()
         return loss.item()
+
+    return step
+
+
+def hand_written_graphed_step(data, device, elbo=None):
+    """The hand-written step whole in one CUDA graph per batch size: the batch gathered
+    and binarized from the images on the device, forward, backward and a capturable
+    Adam; each call copies its indices in and replays. Its warm-up steps train too."""
+    images = data.train_images.float() / data.dataset.levels
+    model = HandWrittenVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    graphs = {}
+
+    def whole_step(index):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(torch.bernoulli(images[index]))
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def step(index):
+        if len(index) not in graphs:
+            static_index = index.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    whole_step(static_index)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                loss = whole_step(static_index)
+            graphs[len(index)] = (graph, static_index, loss)
+        graph, static_index, loss = graphs[len(index)]
+        static_index.copy_(index)
+        graph.replay()
+        return loss
 
     return step
 
@@ -214,6 +262,12 @@ def main():
         action="store_true",
         help="add pyro-vae's step compiled with inductor (about 20 s of compiling per batch size)",
     )
+    parser.add_argument(
+        "--cudagraph",
+        action="store_true",
+        help="on a GPU, add pyro-vae's step captured in a CUDA graph and the hand-written "
+        "step whole in one CUDA graph",
+    )
     parser.add_argument("--out", default="runs/throughput.json")
     args = parser.parse_args()
     if args.quick:
@@ -227,6 +281,11 @@ def main():
         makers = dict(IMPLEMENTATIONS)
         if args.compile:
             makers["pyro-vae --compile inductor"] = pyro_vae_compiled_step
+        if args.cudagraph and device.type == "cuda":
+            makers["pyro-vae --compile cudagraph"] = pyro_vae_captured_step
+            makers["hand-written PyTorch, whole step in one CUDA graph"] = hand_written_graphed_step
+        elif args.cudagraph and batch_size == int(args.batch_sizes.split(",")[0]):
+            print("--cudagraph: CUDA graphs need a GPU; the rows are skipped on", device)
         steps = {name: make(data, device, args.elbo) for name, make in makers.items()}
         # Warm up (first-call costs, allocator) and size each timed block to ~args.seconds.
         block = {}

@@ -9,7 +9,7 @@ from pyro.infer import SVI
 
 from pyro_vae import VAE, ImageBatches, estimators, load_dataset, train
 from pyro_vae.inference.optim import Adam
-from pyro_vae.training.compiled import TracedStep, traced_step
+from pyro_vae.training.compiled import CapturedStep, TracedStep, traced_step
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 from pyro_vae.training.train import resume
 
@@ -189,3 +189,135 @@ def test_semi_supervised_steps_traced_give_the_eager_run(kind, schedule, tmp_pat
     assert "traced the training step" in caplog.text and "eagerly" not in caplog.text
     for key in ("test_accuracy", "test_elbo", "train_loss"):
         assert traced[key] == pytest.approx(eager[key], rel=1e-6), key
+
+
+def _cpu_capture(fn, device):
+    """A CPU stand-in for ``cuda_graph``: capturing runs nothing that lasts (the draws made
+    while recording are put back), and each replay overwrites the same output tensors,
+    as a CUDA graph's replay does."""
+    with torch.random.fork_rng():
+        loss, grads = fn()
+
+    def replay():
+        new_loss, new_grads = fn()
+        loss.copy_(new_loss)
+        for out, new in zip(grads, new_grads, strict=True):
+            out.copy_(new)
+
+    return replay, (loss, grads)
+
+
+@pytest.fixture
+def cpu_capture(monkeypatch):
+    """``--compile cudagraph`` captures on the CPU, with the stand-in."""
+    monkeypatch.setattr(CapturedStep, "capturable", lambda self, device: True)
+    monkeypatch.setattr(CapturedStep, "capture_with", staticmethod(_cpu_capture))
+
+
+def _captured(spec):
+    def make(vae):
+        pyro.clear_param_store()
+        elbo = estimators.build(spec, num_particles=1, data_dim=vae.data_dim)
+        return CapturedStep(vae, elbo, Adam(1e-2), "cudagraph")
+
+    return make
+
+
+CAPTURED = [("trace", {}), ("trace", {"guide": "iaf:1"}), ("trace", {"prior": "vamp:4"})]
+CAPTURED += [("meanfield", {}), ("dreg:3", {})]
+
+
+@pytest.mark.parametrize(
+    "spec, components",
+    CAPTURED,
+    ids=[f"{s}-{'-'.join(c.values()) or 'default'}" for s, c in CAPTURED],
+)
+def test_the_captured_step_replays_the_eager_steps_bit_for_bit(spec, components, data, cpu_capture):
+    """Batches copied into the capture's buffers, the replayed gradients applied, each
+    loss copied out before the next replay overwrites it, a graph per batch shape."""
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,), **components)
+    eager_losses, eager_params = _steps(_eager(spec), vae, data, [64, 28, 64, 28])
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,), **components)
+    pyro.set_rng_seed(1)
+    data.rng.seed(1)
+    step = _captured(spec)(vae)
+    losses = [step(data.batch(torch.arange(n))) for n in (64, 28, 64, 28)]  # read at the end
+    assert [float(v) for v in losses] == pytest.approx(eager_losses, rel=1e-6)
+    params = [p.detach() for p in vae.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))
+    assert len(step.captures) == 2 and all(step.captures.values())
+
+
+def test_a_captured_run_matches_the_eager_run_and_resumes_exactly(tmp_path, cpu_capture, caplog):
+    """With KL warm-up, whose weight (a buffer the graph reads) changes every step."""
+
+    def config(epochs, mode):
+        return small_config(
+            train={"epochs": epochs, "compile": mode, "validate": False},
+            inference={"kl_warmup": 2},
+        )
+
+    eager = train(config(3, "none"), tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="pyro_vae"):
+        captured = train(config(3, "cudagraph"), tmp_path / "captured")
+    assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
+    assert captured["test_elbo"] == eager["test_elbo"] and captured["log_px"] == eager["log_px"]
+    train_elbos = [
+        [m["train_objective"] for m in read_metrics(tmp_path / r)] for r in ("eager", "captured")
+    ]
+    assert train_elbos[1] == pytest.approx(train_elbos[0], rel=1e-6)
+    train(config(2, "cudagraph"), tmp_path / "resumed")
+    resume(tmp_path / "resumed", epochs=3)
+    a = load_checkpoint(tmp_path / "captured" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_captured_m2_step_gives_the_eager_run(tmp_path, cpu_capture, caplog):
+    """M2's steps (unlabelled, labelled, both) each captured, y enumerated in the graph."""
+
+    def config(mode):
+        return small_config(
+            model={"kind": "m2"}, train={"epochs": 2, "compile": mode, "validate": False}
+        )
+
+    eager = train(config("none"), tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="pyro_vae"):
+        captured = train(config("cudagraph"), tmp_path / "captured")
+    assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
+    for key in ("test_accuracy", "test_elbo", "train_loss"):
+        assert captured[key] == pytest.approx(eager[key], rel=1e-6), key
+
+
+def test_cudagraph_on_a_cpu_replays_the_traced_step_with_a_notice(tmp_path, caplog):
+    def config(mode):
+        return small_config(train={"epochs": 2, "compile": mode, "validate": False})
+
+    traced = train(config("trace"), tmp_path / "traced")
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        captured = train(config("cudagraph"), tmp_path / "captured")
+    assert "CUDA graphs need a CUDA device" in caplog.text
+    assert captured["test_elbo"] == traced["test_elbo"]
+
+
+def test_a_failed_capture_replays_uncaptured_with_a_notice_naming_the_shape(
+    data, monkeypatch, caplog
+):
+    def refuse(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CapturedStep, "capturable", lambda self, device: True)
+    monkeypatch.setattr(CapturedStep, "capture_with", staticmethod(refuse))
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    eager_losses, eager_params = _steps(_eager("trace"), vae, data, [64, 64])
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        losses, params = _steps(_captured("trace"), vae, data, [64, 64])
+    assert "could not capture VAE's step for batches of shape [(64, 64)]" in caplog.text
+    assert "operation not permitted" in caplog.text and caplog.text.count("could not capture") == 1
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))

@@ -16,6 +16,14 @@ tracing only; the replayed loss is checked by the loop's divergence guard instea
 Random draws are operations of the graph, drawn from torch's generator at each
 replay as the eager step draws them (inductor keeps PyTorch's own random operations:
 ``fallback_random``), so a traced run follows the eager run's random stream.
+
+``mode="cudagraph"`` (:class:`CapturedStep`) captures the traced graph in a CUDA graph
+per batch shape, with static buffers for the batch and the KL weight, and replays it:
+one launch for the ELBO and all its gradients, then Adam's fused kernel, where the
+eager step launches hundreds of kernels from Python. Replays draw from the device's
+generator as the eager kernels would (PyTorch's graph-safe Philox offsets), so the
+numbers are the traced step's; on a CPU, or where a capture fails, it says so once and
+replays the traced graph uncaptured.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from ..inference.kl import KLTerm
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "trace", "inductor")
+MODES = ("none", "trace", "inductor", "cudagraph")
 
 _PYRO_MODULES = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.traceenum_elbo)
 
@@ -85,7 +93,7 @@ class TracedStep:
         model: a ``Trainable`` ``PyroProgram``.
         elbo: its estimator; it needs a ``differentiable_loss``.
         optimizer: the Adam that applies the gradients (``inference.optim.Adam``).
-        mode: ``"trace"`` or ``"inductor"`` (see the module's docstring).
+        mode: ``"trace"``, ``"inductor"`` or ``"cudagraph"`` (see the module's docstring).
         program: the model and guide of its step (default: ``model.svi_program()``),
             under the KL term's handlers.
         kl: the KL term (default: none); its weight, which warm-up changes, is an input
@@ -155,11 +163,119 @@ class TracedStep:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         """One step; its loss stays a tensor on the batch's device (the loop's guard reads
         the losses every ``divergence.CHECK_EVERY`` steps), so the host need not wait."""
-        loss, grads = self.graph(args)(self.params, self._weight(args), *args)
+        graph = self.graph(args)
+        with torch.no_grad():  # the graph computes the gradients itself: no autograd to record
+            loss, grads = graph(self.params, self._weight(args), *args)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         self.optimizer(self.params)
         return loss.detach()
+
+
+def cuda_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], None], Any]:
+    """``fn`` captured in a CUDA graph: (replay, the outputs that each replay overwrites).
+
+    ``fn`` must be a function of tensors that stay in place (the graph reads them at
+    their addresses). It is first run twice on a side stream, as capture needs (lazy
+    cuBLAS and allocator set-up); those runs change nothing but the random stream, which
+    ``fork_rng`` puts back. Capture records and runs nothing: the device generator's
+    offset moves at each replay, by what the eager kernels would have drawn.
+    """
+    with torch.random.fork_rng(devices=[device]):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+class _Capture:
+    """One batch shape's traced graph, captured: static buffers for the batch (the
+    parameters and the KL weight's buffer are read in place) and the graph's outputs."""
+
+    def __init__(self, graph: Callable, params, weight: torch.Tensor, args, capture: Callable):
+        self.inputs = [a.clone() for a in args]
+        def run():
+            with torch.no_grad():  # the graph computes the gradients itself
+                return graph(params, weight, *self.inputs)
+
+        self._replay, (self.loss, self.grads) = capture(run, args[0].device)
+
+    def replay(self, args: tuple[torch.Tensor, ...]) -> None:
+        for buffer, a in zip(self.inputs, args, strict=True):
+            buffer.copy_(a)
+        self._replay()
+
+
+class CapturedStep(TracedStep):
+    """The traced step captured in one CUDA graph per batch shape (``--compile cudagraph``).
+
+    The first step of each batch shape traces and captures (the last, smaller batch of
+    an epoch gets its own graph); every step then copies its batch into the graph's
+    buffer, fills the KL weight's buffer, replays, and applies Adam to the gradients the
+    graph left in its outputs. Its loss is copied out of the graph's output, so the
+    divergence guard can read many steps' losses at once. Batches on a CPU, or a shape
+    whose capture fails, replay the traced graph uncaptured, said once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.captures: dict[tuple, _Capture | None] = {}
+
+    capture_with = staticmethod(cuda_graph)
+    """How a graph is captured (``cuda_graph``); a test puts a CPU stand-in here."""
+
+    def capturable(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def capture(self, args: tuple[torch.Tensor, ...]) -> _Capture | None:
+        """The capture for batches shaped like ``args`` (None: replayed uncaptured)."""
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        if key not in self.captures:
+            graph = self.graph(args)
+            if not self.capturable(args[0].device):
+                log.warning(
+                    "--compile cudagraph: CUDA graphs need a CUDA device, and the batch is on "
+                    "%s; replaying the traced step uncaptured",
+                    args[0].device,
+                )
+                self.captures[key] = None
+            else:
+                try:
+                    weight = self._weight(args)
+                    capture = self.capture_with
+                    self.captures[key] = _Capture(graph, self.params, weight, args, capture)
+                except Exception as e:  # a component whose kernels cannot be captured
+                    log.warning(
+                        "--compile cudagraph: could not capture %s's step for batches of "
+                        "shape %s (%s: %s); replaying it uncaptured",
+                        type(self.model).__name__,
+                        [k[0] for k in key],
+                        type(e).__name__,
+                        (str(e).strip().splitlines() or [""])[0][:120],
+                    )
+                    self.captures[key] = None
+                else:
+                    log.info(
+                        "captured the training step for batches of shape %s", [k[0] for k in key]
+                    )
+        return self.captures[key]
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        captured = self.capture(args)
+        if captured is None:
+            return super().__call__(*args)
+        self._weight(args)  # the captured weight buffer, filled in place
+        captured.replay(args)
+        for p, g in zip(self.params, captured.grads, strict=True):
+            p.grad = g
+        self.optimizer(self.params)
+        return captured.loss.clone()
 
 
 @contextlib.contextmanager
@@ -194,9 +310,10 @@ def traced_step(
     if pyro.poutine.util.is_validation_enabled():
         log.warning("--compile: Pyro's validation (--validate) cannot be traced; training eagerly")
         return None
-    step = TracedStep(model, elbo, optimizer, mode, program, kl)
+    make = CapturedStep if mode == "cudagraph" else TracedStep
+    step = make(model, elbo, optimizer, mode, program, kl)
     try:
-        step.graph(args)
+        step.capture(args) if isinstance(step, CapturedStep) else step.graph(args)
     except PyroVAEError:  # bad input, as the eager step would say it too
         model.__dict__["_traced_step"] = False
         raise
