@@ -318,6 +318,7 @@ def test_a_failed_capture_replays_uncaptured_with_a_notice_naming_the_shape(
     with caplog.at_level(logging.WARNING, logger="pyro_vae"):
         losses, params = _steps(_captured("trace"), vae, data, [64, 64])
     assert "could not capture VAE's step for batches of shape [(64, 64)]" in caplog.text
+    assert "RuntimeError at test_compiled.py" in caplog.text and "(refuse)" in caplog.text
     assert "operation not permitted" in caplog.text and caplog.text.count("could not capture") == 1
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))

@@ -253,10 +253,11 @@ class CapturedStep(TracedStep):
                 except Exception as e:  # a component whose kernels cannot be captured
                     log.warning(
                         "--compile cudagraph: could not capture %s's step for batches of "
-                        "shape %s (%s: %s); replaying it uncaptured",
+                        "shape %s (%s at %s: %s); replaying it uncaptured",
                         type(self.model).__name__,
                         [k[0] for k in key],
                         type(e).__name__,
+                        _culprit(e),
                         (str(e).strip().splitlines() or [""])[0][:120],
                     )
                     self.captures[key] = None
