@@ -200,6 +200,7 @@ class _Capture:
 
     def __init__(self, graph: Callable, params, weight: torch.Tensor, args, capture: Callable):
         self.inputs = [a.clone() for a in args]
+
         def run():
             with torch.no_grad():  # the graph computes the gradients itself
                 return graph(params, weight, *self.inputs)
