@@ -181,16 +181,22 @@ def cuda_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[]
     ``fork_rng`` puts back. Capture records and runs nothing: the device generator's
     offset moves at each replay, by what the eager kernels would have drawn.
     """
-    with torch.random.fork_rng(devices=[device]):
+    # On ``device`` whatever the current device is (cuda:0 under torchrun, --device
+    # cuda:1): a capture records only its stream's device, and torch.cuda.graph's own
+    # stream would be made on the current one, another device's kernels running eagerly.
+    with torch.cuda.device(device):
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
+        with torch.random.fork_rng(devices=[device]):
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # The outer context puts the caller's stream back even when capture_end raises
+        # (torch.cuda.graph's exit then skips its own restore).
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            outputs = fn()
     return graph.replay, outputs
 
 
@@ -251,7 +257,8 @@ class CapturedStep(TracedStep):
                     weight = self._weight(args)
                     capture = self.capture_with
                     self.captures[key] = _Capture(graph, self.params, weight, args, capture)
-                except Exception as e:  # a component whose kernels cannot be captured
+                except Exception as raised:  # a component whose kernels cannot be captured
+                    e = _first_error(raised)  # not capture_end's "previous error during capture"
                     log.warning(
                         "--compile cudagraph: could not capture %s's step for batches of "
                         "shape %s (%s at %s: %s); replaying it uncaptured",
@@ -331,6 +338,13 @@ def traced_step(
         model.__dict__["_traced_step"] = False
         return None
     return step
+
+
+def _first_error(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain: what went wrong, under what it caused."""
+    while error.__context__ is not None:
+        error = error.__context__
+    return error
 
 
 def _culprit(error: BaseException) -> str:

@@ -49,9 +49,11 @@ def init(device: torch.device) -> World:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """``cuda`` becomes this process's GPU (``LOCAL_RANK``) under torchrun."""
+    """``cuda`` becomes this process's GPU (``LOCAL_RANK``) under torchrun, made the current
+    device too (NCCL's collectives and CUDA-graph capture work on the current device)."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     return device
 
 

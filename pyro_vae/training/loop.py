@@ -215,9 +215,9 @@ def run(
                 if t.seconds and training_seconds + time.perf_counter() - epoch_start >= t.seconds:
                     out_of_time = True
                     break
+            guard.end_of_epoch(epoch)  # reads the last losses: the device's work is done
             seconds = time.perf_counter() - epoch_start
             training_seconds += seconds
-            guard.end_of_epoch(epoch)
             total_loss = guard.epoch_loss()
 
             model.eval()
