@@ -122,25 +122,31 @@ def test_a_new_batch_shape_is_traced_again_and_stays_exact(data):
     assert len(step.graphs) == 2
 
 
-def test_a_compiled_run_matches_the_eager_run_and_resumes_exactly(tmp_path):
-    def config(epochs, mode):
-        return small_config(train={"epochs": epochs, "compile": mode, "validate": False})
+def _matches_eager_and_resumes(tmp_path, mode, bound="train_elbo", **sections):
+    """A run with ``--compile mode`` ends where the eager run ends, and one resumed after
+    2 of its 3 epochs ends where it ends."""
+
+    def config(epochs, compile):
+        train_section = {"epochs": epochs, "compile": compile, "validate": False}
+        return small_config(train=train_section, **sections)
 
     eager = train(config(3, "none"), tmp_path / "eager")
-    traced = train(config(3, "trace"), tmp_path / "traced")
-    assert traced["test_elbo"] == eager["test_elbo"] and traced["log_px"] == eager["log_px"]
-    # The traced losses stay tensors until the guard reads them, every step of each epoch
+    compiled = train(config(3, mode), tmp_path / "compiled")
+    assert compiled["test_elbo"] == eager["test_elbo"] and compiled["log_px"] == eager["log_px"]
+    # The replayed losses stay tensors until the guard reads them, every step of each epoch
     # counted (the graph's loss is float32, Pyro's eager one a sum of Python floats).
-    train_elbos = [
-        [m["train_elbo"] for m in read_metrics(tmp_path / r)] for r in ("eager", "traced")
-    ]
-    assert train_elbos[1] == pytest.approx(train_elbos[0], rel=1e-6)
-    train(config(2, "trace"), tmp_path / "resumed")
+    bounds = [[m[bound] for m in read_metrics(tmp_path / r)] for r in ("eager", "compiled")]
+    assert bounds[1] == pytest.approx(bounds[0], rel=1e-6)
+    train(config(2, mode), tmp_path / "resumed")
     resume(tmp_path / "resumed", epochs=3)
-    a = load_checkpoint(tmp_path / "traced" / "checkpoint.pt")["model"]
+    a = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["epoch"] for m in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+
+
+def test_a_compiled_run_matches_the_eager_run_and_resumes_exactly(tmp_path):
+    _matches_eager_and_resumes(tmp_path, "trace")
 
 
 class HostReadingPrior(torch.nn.Module):
@@ -252,27 +258,11 @@ def test_the_captured_step_replays_the_eager_steps_bit_for_bit(spec, components,
 
 def test_a_captured_run_matches_the_eager_run_and_resumes_exactly(tmp_path, cpu_capture, caplog):
     """With KL warm-up, whose weight (a buffer the graph reads) changes every step."""
-
-    def config(epochs, mode):
-        return small_config(
-            train={"epochs": epochs, "compile": mode, "validate": False},
-            inference={"kl_warmup": 2},
-        )
-
-    eager = train(config(3, "none"), tmp_path / "eager")
     with caplog.at_level(logging.INFO, logger="pyro_vae"):
-        captured = train(config(3, "cudagraph"), tmp_path / "captured")
+        _matches_eager_and_resumes(
+            tmp_path, "cudagraph", "train_objective", inference={"kl_warmup": 2}
+        )
     assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
-    assert captured["test_elbo"] == eager["test_elbo"] and captured["log_px"] == eager["log_px"]
-    train_elbos = [
-        [m["train_objective"] for m in read_metrics(tmp_path / r)] for r in ("eager", "captured")
-    ]
-    assert train_elbos[1] == pytest.approx(train_elbos[0], rel=1e-6)
-    train(config(2, "cudagraph"), tmp_path / "resumed")
-    resume(tmp_path / "resumed", epochs=3)
-    a = load_checkpoint(tmp_path / "captured" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_captured_m2_step_gives_the_eager_run(tmp_path, cpu_capture, caplog):
