@@ -5,9 +5,10 @@ train --model m2``): 784-500-50 MLPs, Bernoulli likelihood, Trace_ELBO with y
 enumerated, 10,000 training images held out for validation. M1 is the default
 VAE (784-400-50, a VampPrior with 500 pseudo-inputs unless --m1-prior says otherwise)
 trained on the 60,000 training images without labels, with the row's seed; M1+M2
-models draws of its posterior (or its means) with a Gaussian likelihood. ADGM (``--model adgm``) is M2
-with Maaløe et al.'s auxiliary variable, same sizes. Prints a Markdown table
-(for docs/RESULTS.md) with seed, epochs and wall time per row, and writes JSON.
+models draws of its posterior (or its means) with a Gaussian likelihood. ADGM
+(``--model adgm``) is M2 with Maaløe et al.'s auxiliary variable, same sizes.
+Prints a Markdown table (for docs/RESULTS.md) with seed, epochs and wall time per
+row, and writes JSON.
 
     python benchmarks/semi_supervised.py --data-dir ../shared/data --seed S
 

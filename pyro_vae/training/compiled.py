@@ -160,6 +160,10 @@ class TracedStep:
             log.info("traced the training step for batches of shape %s", [k[0] for k in key])
         return self.graphs[key]
 
+    def prepare(self, args: tuple[torch.Tensor, ...]) -> None:
+        """Trace (and compile) for batches shaped like ``args`` before the first step."""
+        self.graph(args)
+
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         """One step; its loss stays a tensor on the batch's device (the loop's guard reads
         the losses every ``divergence.CHECK_EVERY`` steps), so the host need not wait."""
@@ -275,6 +279,9 @@ class CapturedStep(TracedStep):
                     )
         return self.captures[key]
 
+    def prepare(self, args: tuple[torch.Tensor, ...]) -> None:
+        self.capture(args)
+
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         captured = self.capture(args)
         if captured is None:
@@ -322,7 +329,7 @@ def traced_step(
     make = CapturedStep if mode == "cudagraph" else TracedStep
     step = make(model, elbo, optimizer, mode, program, kl)
     try:
-        step.capture(args) if isinstance(step, CapturedStep) else step.graph(args)
+        step.prepare(args)
     except PyroVAEError:  # bad input, as the eager step would say it too
         model.__dict__["_traced_step"] = False
         raise
