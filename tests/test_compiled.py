@@ -175,12 +175,23 @@ def test_an_untraceable_plugin_falls_back_to_eager_with_a_notice_naming_it(data,
     assert "estimator tail:3 cannot be traced" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "kind, schedule", [("m2", "every-step"), ("m2", "interleave"), ("adgm", "proportional")]
-)
-def test_semi_supervised_steps_traced_give_the_eager_run(kind, schedule, tmp_path, caplog):
+SEMI_CASES = [
+    ("m2", "every-step", "trace"),
+    ("m2", "interleave", "trace"),
+    ("adgm", "proportional", "trace"),
+    ("m2", "every-step", "cudagraph"),  # captured with the CPU stand-in below
+]
+
+
+@pytest.mark.parametrize("kind, schedule, mode", SEMI_CASES)
+def test_semi_supervised_steps_traced_give_the_eager_run(
+    kind, schedule, mode, tmp_path, caplog, request
+):
     """M2 and the ADGM sum y out with Pyro's TraceEnum_ELBO; traced, with Enum_ELBO's
-    traceable loss, in every schedule's steps (unlabelled, labelled, both, scaled)."""
+    traceable loss, in every schedule's steps (unlabelled, labelled, both, scaled), and
+    M2's three kinds of step each captured."""
+    if mode == "cudagraph":
+        request.getfixturevalue("cpu_capture")
 
     def config(mode):
         return small_config(
@@ -191,8 +202,10 @@ def test_semi_supervised_steps_traced_give_the_eager_run(kind, schedule, tmp_pat
 
     eager = train(config("none"), tmp_path / "eager")
     with caplog.at_level(logging.INFO, logger="pyro_vae"):
-        traced = train(config("trace"), tmp_path / "traced")
-    assert "traced the training step" in caplog.text and "eagerly" not in caplog.text
+        traced = train(config(mode), tmp_path / "traced")
+    done = "captured" if mode == "cudagraph" else "traced"
+    assert f"{done} the training step" in caplog.text and "eagerly" not in caplog.text
+    assert "uncaptured" not in caplog.text
     for key in ("test_accuracy", "test_elbo", "train_loss"):
         assert traced[key] == pytest.approx(eager[key], rel=1e-6), key
 
@@ -263,22 +276,6 @@ def test_a_captured_run_matches_the_eager_run_and_resumes_exactly(tmp_path, cpu_
             tmp_path, "cudagraph", "train_objective", inference={"kl_warmup": 2}
         )
     assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
-
-
-def test_a_captured_m2_step_gives_the_eager_run(tmp_path, cpu_capture, caplog):
-    """M2's steps (unlabelled, labelled, both) each captured, y enumerated in the graph."""
-
-    def config(mode):
-        return small_config(
-            model={"kind": "m2"}, train={"epochs": 2, "compile": mode, "validate": False}
-        )
-
-    eager = train(config("none"), tmp_path / "eager")
-    with caplog.at_level(logging.INFO, logger="pyro_vae"):
-        captured = train(config("cudagraph"), tmp_path / "captured")
-    assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
-    for key in ("test_accuracy", "test_elbo", "train_loss"):
-        assert captured[key] == pytest.approx(eager[key], rel=1e-6), key
 
 
 def test_cudagraph_on_a_cpu_replays_the_traced_step_with_a_notice(tmp_path, caplog):
