@@ -22,19 +22,26 @@ median over rounds of each round's ratio), and writes JSON.
     python benchmarks/throughput.py --elbo jit-trace   # pyro-vae with another estimator
     python benchmarks/throughput.py --quick --compile  # adds the step compiled by inductor
     python benchmarks/throughput.py --device cuda --cudagraph  # adds the CUDA-graph rows
+    python benchmarks/throughput.py --quick --stock    # pyro-vae on Pyro's stock distributions too
 
 With ``--cudagraph`` on a GPU two rows join: pyro-vae's step captured in a CUDA graph
 (``--compile cudagraph``), and the hand-written step with its batch, forward, backward
 and Adam (``capturable=True``) captured whole in one CUDA graph per batch size.
+
+With ``--stock`` each pyro-vae row gains a twin whose prior, likelihood and guide build
+Pyro's own ``dist.Normal`` and ``dist.Bernoulli`` instead of ``components/distributions.py``'s
+(same values and derivatives, tested): the pair says what those buy on that path.
 """
 
 import argparse
 import gc
 import json
+import math
 import platform
 import statistics
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pyro
@@ -48,6 +55,7 @@ from pyro_vae import Config, ImageBatches, load_dataset
 from pyro_vae.components.nets import mlp
 from pyro_vae.inference.divergence import Guard
 from pyro_vae.models.kinds import build_vae
+from pyro_vae.models.vae import VAE
 from pyro_vae.training.devices import resolve_device
 from pyro_vae.training.train import make_svi
 
@@ -80,11 +88,55 @@ def paired_ratio(rates: list[float], baseline: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(rates, baseline, strict=True))
 
 
-def pyro_vae_step(data, device, elbo="trace"):
+class StockNormalGuide(nn.Module):
+    """The default guide, q(z|x) = N(loc, exp(log_scale)), on Pyro's own Normal."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.param_dim = 2 * latent_dim
+
+    def forward(self, params):
+        loc, log_scale = params.chunk(2, dim=-1)
+        return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+
+class StockNormalPrior(nn.Module):
+    """The default prior, N(0, I), on Pyro's own Normal."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+
+    def forward(self):
+        return dist.Normal(self.loc, torch.ones_like(self.loc)).to_event(1)
+
+
+class StockBernoulli(nn.Module):
+    """The default likelihood, Bernoulli on logits, on Pyro's own Bernoulli."""
+
+    def __init__(self, data_dim):
+        super().__init__()
+        self.param_dim = data_dim
+
+    def forward(self, logits):
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+
+
+def build_benchmark_vae(config, data, device, stock=False):
+    """The default VAE; with ``stock``, its components on Pyro's own distributions."""
+    if not stock:
+        return build_vae(config, data.dataset.image_shape).to(device)
+    shape, latent_dim = data.dataset.image_shape, config.model.latent_dim
+    components = {"prior": StockNormalPrior(latent_dim), "guide": StockNormalGuide(latent_dim)}
+    components["likelihood"] = StockBernoulli(math.prod(shape))
+    return VAE(shape, latent_dim=latent_dim, **components).to(device)
+
+
+def pyro_vae_step(data, device, elbo="trace", stock=False):
     """pyro-vae's training step on its own in-memory uint8 batches."""
     config = Config()
     config.inference.elbo = elbo
-    vae = build_vae(config, data.dataset.image_shape).to(device)
+    vae = build_benchmark_vae(config, data, device, stock)
     svi, _, _ = make_svi(vae, config)
     guard = Guard(vae.parameters(), Path("runs/throughput"), 0)  # the loop's per-step check
 
@@ -95,7 +147,7 @@ def pyro_vae_step(data, device, elbo="trace"):
     return step
 
 
-def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor"):
+def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=False):
     """pyro-vae's step traced and compiled with inductor (``--compile inductor``), or
     captured in a CUDA graph (``mode="cudagraph"``); the compile (about 20 s per batch
     shape on 2 cores) or the capture happens at the warm-up, not timed."""
@@ -103,7 +155,7 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor"):
 
     config = Config()
     config.inference.elbo = elbo
-    vae = build_vae(config, data.dataset.image_shape).to(device)
+    vae = build_benchmark_vae(config, data, device, stock)
     _, optimizer, estimator = make_svi(vae, config)
     guard = Guard(vae.parameters(), Path("runs/throughput"), 0)
     step_fn = []
@@ -118,8 +170,8 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor"):
     return step
 
 
-def pyro_vae_captured_step(data, device, elbo="trace"):
-    return pyro_vae_compiled_step(data, device, elbo, mode="cudagraph")
+def pyro_vae_captured_step(data, device, elbo="trace", stock=False):
+    return pyro_vae_compiled_step(data, device, elbo, mode="cudagraph", stock=stock)
 
 
 def hand_written_step(data, device, elbo=None):
@@ -268,6 +320,11 @@ def main():
         help="on a GPU, add pyro-vae's step captured in a CUDA graph and the hand-written "
         "step whole in one CUDA graph",
     )
+    parser.add_argument(
+        "--stock",
+        action="store_true",
+        help="add each pyro-vae row again on Pyro's stock Normal and Bernoulli",
+    )
     parser.add_argument("--out", default="runs/throughput.json")
     args = parser.parse_args()
     if args.quick:
@@ -286,6 +343,9 @@ def main():
             makers["hand-written PyTorch, whole step in one CUDA graph"] = hand_written_graphed_step
         elif args.cudagraph and batch_size == int(args.batch_sizes.split(",")[0]):
             print("--cudagraph: CUDA graphs need a GPU; the rows are skipped on", device)
+        if args.stock:
+            for name in [n for n in makers if n.startswith("pyro-vae")]:
+                makers[f"{name}, Pyro's stock distributions"] = partial(makers[name], stock=True)
         steps = {name: make(data, device, args.elbo) for name, make in makers.items()}
         # Warm up (first-call costs, allocator) and size each timed block to ~args.seconds.
         block = {}

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .helpers import mnist_dir, needs_mnist
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from throughput import paired_ratio  # noqa: E402
+from throughput import build_benchmark_vae, paired_ratio  # noqa: E402
 
 
 def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -40,6 +42,39 @@ def test_throughput_benchmark_times_both_steps_and_writes_json(tmp_path):
     ratio = paired_ratio(rounds["pyro-vae"], rounds["hand-written PyTorch"])
     assert row["ratios"]["pyro-vae"] == ratio
     assert f"ratio pyro-vae / hand-written at batch 32: {ratio:.2f}" in done.stdout
+
+
+@needs_mnist
+def test_throughput_stock_rows_twin_each_pyro_vae_row(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = ["--data-dir", str(mnist_dir()), "--batch-sizes", "16", "--rounds", "1"]
+    run_benchmark("throughput.py", *args, "--seconds", "0.01", "--stock", "--out", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    assert "pyro-vae, Pyro's stock distributions" in row["images_per_second"]
+
+
+def test_the_stock_twin_has_the_default_vaes_loss_and_gradients():
+    """What --stock times is the same function: the same parameters, loss and gradients."""
+    import pyro
+    import torch
+    from pyro.infer import Trace_ELBO
+
+    from pyro_vae import Config, ImageBatches, load_dataset
+
+    data = ImageBatches(load_dataset("digits", None), "dynamic", torch.device("cpu"))
+    x = data.batch(torch.arange(32))
+    results = []
+    for stock in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        vae = build_benchmark_vae(Config(), data, torch.device("cpu"), stock)
+        pyro.set_rng_seed(4)
+        loss = Trace_ELBO().loss_and_grads(vae.model, vae.guide, x)
+        results.append((loss, [p.grad for p in vae.parameters()]))
+    (loss, grads), (stock_loss, stock_grads) = results
+    assert stock_loss == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(grads, stock_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_ratio_is_the_median_of_each_rounds_paired_ratio():
