@@ -34,6 +34,13 @@ SETTINGS = {
     "proportional, alpha 500": {"schedule": "proportional", "aux_weight": 500.0},
     "interleave, alpha 500": {"schedule": "interleave", "aux_weight": 500.0},
     "proportional, alpha 5000": {"schedule": "proportional", "aux_weight": 5000.0},
+    # alpha 51 per labelled image, as every-step's 50, with the labelled ELBO scaled down
+    "proportional, alpha 20000": {"schedule": "proportional", "aux_weight": 20000.0},
+    "proportional, alpha 5000, lr 3e-3": {
+        "schedule": "proportional",
+        "aux_weight": 5000.0,
+        "lr": 3e-3,
+    },
     "every-step, intensities": {"binarize": "none"},
     "Pyro's example": {"schedule": "interleave", "binarize": "none", **PYRO_EXAMPLE},
     "Pyro's example, binarized": {"schedule": "interleave", **PYRO_EXAMPLE},
