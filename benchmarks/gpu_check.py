@@ -66,12 +66,13 @@ def few_steps(data, device, elbo="trace", **components):
 
 
 def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", **components):
-    """Three steps eager and three traced (``mode``: ``trace``, or ``cudagraph`` for the
-    traced step captured in a CUDA graph) from the same weights and seed: the largest
-    difference of their losses (relative) and of their parameters."""
+    """Three steps eager and three traced (``mode``: ``trace``, ``cudagraph`` for the
+    traced step captured in a CUDA graph, ``inductor-cudagraph`` for inductor's compiled
+    graph captured) from the same weights and seed: the largest difference of their
+    losses (relative) and of their parameters."""
     from pyro_vae.inference.optim import Adam as FusedAdam
     from pyro_vae.models.ssvae import SSVAE
-    from pyro_vae.training.compiled import CapturedStep, TracedStep
+    from pyro_vae.training.compiled import CAPTURED, CapturedStep, TracedStep
 
     x = data.batch(torch.arange(64, device=device))
     args = (
@@ -91,16 +92,14 @@ def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", *
         pyro.clear_param_store()
         optimizer = FusedAdam(1e-2)
         if traced:
-            step = (CapturedStep if mode == "cudagraph" else TracedStep)(
-                model, loss, optimizer, mode
-            )
+            step = (CapturedStep if mode in CAPTURED else TracedStep)(model, loss, optimizer, mode)
         else:
             step = SVI(*model.svi_program(), optimizer, loss=loss).step
         pyro.set_rng_seed(1)
         with pyro.validation_enabled(False):
             losses = [step(*args) for _ in range(3)]
             losses = [float(v) for v in losses]  # read after all three: replays overwrite
-        if traced and mode == "cudagraph":
+        if traced and mode in CAPTURED:
             assert all(step.captures.values()), "the step was not captured"
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     (a, pa), (b, pb) = runs
@@ -181,6 +180,14 @@ def main():
             lambda: traced_against_eager(data, device, kind="m2", mode="cudagraph"),
             results,
         )
+        for kind in ("vae", "m2"):  # inductor's kernels captured (a compile each)
+            check(
+                f"captured inductor step {kind}",
+                lambda k=kind: traced_against_eager(
+                    data, device, kind=k, mode="inductor-cudagraph"
+                ),
+                results,
+            )
     if args.no_mnist:
         return finish(out, results)
 

@@ -24,9 +24,10 @@ median over rounds of each round's ratio), and writes JSON.
     python benchmarks/throughput.py --device cuda --cudagraph  # adds the CUDA-graph rows
     python benchmarks/throughput.py --quick --stock    # pyro-vae on Pyro's stock distributions too
 
-With ``--cudagraph`` on a GPU two rows join: pyro-vae's step captured in a CUDA graph
-(``--compile cudagraph``), and the hand-written step with its batch, forward, backward
-and Adam (``capturable=True``) captured whole in one CUDA graph per batch size.
+With ``--cudagraph`` on a GPU three rows join: pyro-vae's step captured in a CUDA graph
+(``--compile cudagraph``) and compiled by inductor, then captured (``--compile
+inductor-cudagraph``), and the hand-written step with its batch, forward, backward and
+Adam (``capturable=True``) captured whole in one CUDA graph per batch size.
 
 With ``--stock`` each pyro-vae row gains a twin whose prior, likelihood and guide build
 Pyro's own ``dist.Normal`` and ``dist.Bernoulli`` instead of ``components/distributions.py``'s
@@ -172,6 +173,10 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=Fa
 
 def pyro_vae_captured_step(data, device, elbo="trace", stock=False):
     return pyro_vae_compiled_step(data, device, elbo, mode="cudagraph", stock=stock)
+
+
+def pyro_vae_captured_inductor_step(data, device, elbo="trace", stock=False):
+    return pyro_vae_compiled_step(data, device, elbo, mode="inductor-cudagraph", stock=stock)
 
 
 def hand_written_step(data, device, elbo=None):
@@ -340,6 +345,7 @@ def main():
             makers["pyro-vae --compile inductor"] = pyro_vae_compiled_step
         if args.cudagraph and device.type == "cuda":
             makers["pyro-vae --compile cudagraph"] = pyro_vae_captured_step
+            makers["pyro-vae --compile inductor-cudagraph"] = pyro_vae_captured_inductor_step
             makers["hand-written PyTorch, whole step in one CUDA graph"] = hand_written_graphed_step
         elif args.cudagraph and batch_size == int(args.batch_sizes.split(",")[0]):
             print("--cudagraph: CUDA graphs need a GPU; the rows are skipped on", device)

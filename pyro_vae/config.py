@@ -27,7 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 BINARIZATIONS = ("dynamic", "static", "none")
-COMPILE_MODES = ("none", "trace", "inductor", "cudagraph")
+COMPILE_MODES = ("none", "trace", "inductor", "cudagraph", "inductor-cudagraph")
 LABELLED_SCHEDULES = ("every-step", "proportional", "interleave")
 AUX_SCALINGS = ("absolute", "data")
 M1_FEATURES = ("mean", "sample")
@@ -137,8 +137,9 @@ class TrainConfig:
     compile: str = option(
         "none",
         "trace the step once per batch shape into one graph and replay it: trace (as "
-        "recorded), inductor (compiled, about 20 s per batch shape on a CPU) or cudagraph "
-        "(captured in a CUDA graph; needs a GPU); none: Pyro's eager step",
+        "recorded), inductor (compiled, about 20 s per batch shape on a CPU), cudagraph "
+        "(captured in a CUDA graph; needs a GPU) or inductor-cudagraph (compiled, then "
+        "captured); none: Pyro's eager step",
     )
 
 

@@ -23,7 +23,9 @@ one launch for the ELBO and all its gradients, then Adam's fused kernel, where t
 eager step launches hundreds of kernels from Python. Replays draw from the device's
 generator as the eager kernels would (PyTorch's graph-safe Philox offsets), so the
 numbers are the traced step's; on a CPU, or where a capture fails, it says so once and
-replays the traced graph uncaptured.
+replays the traced graph uncaptured. ``mode="inductor-cudagraph"`` captures the graph as
+inductor compiled it: its fused kernels, fewer and larger than the traced graph's ATen
+operations, in one CUDA graph (and on a CPU, the compiled graph uncaptured).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from ..inference.kl import KLTerm
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "trace", "inductor", "cudagraph")
+CAPTURED = ("cudagraph", "inductor-cudagraph")
+"""The modes whose step is a :class:`CapturedStep`."""
 
 _PYRO_MODULES = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.traceenum_elbo)
 
@@ -93,7 +96,8 @@ class TracedStep:
         model: a ``Trainable`` ``PyroProgram``.
         elbo: its estimator; it needs a ``differentiable_loss``.
         optimizer: the Adam that applies the gradients (``inference.optim.Adam``).
-        mode: ``"trace"``, ``"inductor"`` or ``"cudagraph"`` (see the module's docstring).
+        mode: ``"trace"``, ``"inductor"``, ``"cudagraph"`` or ``"inductor-cudagraph"`` (see
+            the module's docstring).
         program: the model and guide of its step (default: ``model.svi_program()``),
             under the KL term's handlers.
         kl: the KL term (default: none); its weight, which warm-up changes, is an input
@@ -151,7 +155,7 @@ class TracedStep:
                 pyro.validation_enabled(False),
             ):
                 graph = make_fx(self._loss_and_grads)(self.params, self._weight(args), *args)
-            if self.mode == "inductor":
+            if self.mode in ("inductor", "inductor-cudagraph"):
                 import torch._inductor.config as inductor
 
                 inductor.fallback_random = True  # PyTorch's own random draws: eager's stream
@@ -224,7 +228,8 @@ class _Capture:
 
 
 class CapturedStep(TracedStep):
-    """The traced step captured in one CUDA graph per batch shape (``--compile cudagraph``).
+    """The traced step captured in one CUDA graph per batch shape (``--compile cudagraph``;
+    ``inductor-cudagraph`` captures inductor's compiled graph instead).
 
     The first step of each batch shape traces and captures (the last, smaller batch of
     an epoch gets its own graph); every step then copies its batch into the graph's
@@ -251,8 +256,9 @@ class CapturedStep(TracedStep):
             graph = self.graph(args)
             if not self.capturable(args[0].device):
                 log.warning(
-                    "--compile cudagraph: CUDA graphs need a CUDA device, and the batch is on "
+                    "--compile %s: CUDA graphs need a CUDA device, and the batch is on "
                     "%s; replaying the traced step uncaptured",
+                    self.mode,
                     args[0].device,
                 )
                 self.captures[key] = None
@@ -264,8 +270,9 @@ class CapturedStep(TracedStep):
                 except Exception as raised:  # a component whose kernels cannot be captured
                     e = _first_error(raised)  # not capture_end's "previous error during capture"
                     log.warning(
-                        "--compile cudagraph: could not capture %s's step for batches of "
+                        "--compile %s: could not capture %s's step for batches of "
                         "shape %s (%s at %s: %s); replaying it uncaptured",
+                        self.mode,
                         type(self.model).__name__,
                         [k[0] for k in key],
                         type(e).__name__,
@@ -326,7 +333,7 @@ def traced_step(
     if pyro.poutine.util.is_validation_enabled():
         log.warning("--compile: Pyro's validation (--validate) cannot be traced; training eagerly")
         return None
-    make = CapturedStep if mode == "cudagraph" else TracedStep
+    make = CapturedStep if mode in CAPTURED else TracedStep
     step = make(model, elbo, optimizer, mode, program, kl)
     try:
         step.prepare(args)
