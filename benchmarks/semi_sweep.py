@@ -36,6 +36,11 @@ SETTINGS = {
     "proportional, alpha 5000": {"schedule": "proportional", "aux_weight": 5000.0},
     # alpha 51 per labelled image, as every-step's 50, with the labelled ELBO scaled down
     "proportional, alpha 20000": {"schedule": "proportional", "aux_weight": 20000.0},
+    "proportional, alpha 5000, conv classifier": {
+        "schedule": "proportional",
+        "aux_weight": 5000.0,
+        "classifier": "conv",
+    },
     "proportional, alpha 5000, lr 3e-3": {
         "schedule": "proportional",
         "aux_weight": 5000.0,

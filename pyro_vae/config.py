@@ -164,6 +164,11 @@ class SemiConfig:
     validation: int | None = option(
         None, "training images held out", shown="10000, or 1/5 if fewer"
     )
+    classifier: str = option(
+        "mlp",
+        "m2: the network of q(y|x), an architecture by name: mlp (the hidden sizes) or conv "
+        "(two stride-2 convolutions before them)",
+    )
     m1_run: str | None = option(None, "m1m2: a trained VAE run whose latent code M2 models")
     m1_features: str = option(
         "sample",
@@ -426,6 +431,7 @@ def validate(config: Config) -> Config:
     validate_training(config)
     for registry, spec in (
         (architectures, m.arch),
+        (architectures, s.classifier),
         (priors, m.prior),
         (likelihoods, m.likelihood),
         (guides, m.guide),

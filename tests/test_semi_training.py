@@ -77,6 +77,19 @@ def test_m2_takes_prior_and_likelihood_by_name(tmp_path):
     )
 
 
+def test_m2_takes_a_conv_classifier_by_name_and_reloads_it(tmp_path):
+    from pyro_vae.components.nets import ConvEncoder
+
+    config = m2_config()
+    config.semi.classifier = "conv"
+    summary = train(config, tmp_path / "r", progress=False)
+    model = load_run(tmp_path / "r")
+    assert isinstance(model.classifier_net, ConvEncoder)
+    data = ImageBatches(load_dataset("digits"))
+    reloaded = semi.accuracy(model, data.test_images, data.dataset.test_labels)
+    assert reloaded == pytest.approx(summary["test_accuracy"])
+
+
 def test_m2_two_epochs_then_resume_two_equals_four_straight(tmp_path):
     train(m2_config(epochs=4), tmp_path / "a", progress=False)
     train(m2_config(epochs=2), tmp_path / "b", progress=False)
@@ -161,6 +174,8 @@ def test_an_m1m2_run_saved_before_m1_features_existed_resumes_on_the_means(train
         (["--model", "m2", "--m1-run", "x"], "is for --model m1m2"),
         (["--model", "m2", "--labelled-schedule", "often"], "semi.schedule must be one of"),
         (["--model", "m2", "--aux-scaling", "n"], "semi.aux_scaling must be one of"),
+        (["--model", "m2", "--classifier", "cnn"], "unknown architecture 'cnn'"),
+        (["--model", "adgm", "--classifier", "conv"], "--classifier is for --model m2"),
     ],
 )
 def test_bad_semi_supervised_input_is_one_line_exit_2(args, message, tmp_path, capsys):

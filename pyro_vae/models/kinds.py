@@ -98,6 +98,7 @@ def semi_options(config: Config, num_classes: int) -> dict[str, Any]:
         schedule=s.schedule,
         labeled=s.labeled,
         validation=s.validation,
+        classifier=s.classifier,
         num_classes=num_classes,
     )
 
@@ -106,6 +107,11 @@ def _validate_semi(config: Config) -> None:
     m = config.model
     if m.arch != "mlp":
         raise PyroVAEError(f"--model {m.kind} is built of MLPs; drop --arch {m.arch}")
+    if m.kind != "m2" and config.semi.classifier != SemiConfig.classifier:
+        raise PyroVAEError(
+            f"--classifier is for --model m2, whose q(y|x) reads the images alone; "
+            f"drop --classifier {config.semi.classifier}"
+        )
 
 
 def validate_m2(config: Config) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..components.guides import guides
 from ..components.likelihoods import likelihoods
-from ..components.nets import mlp
+from ..components.nets import architectures, mlp
 from ..components.priors import priors
 from ..config import AUX_SCALINGS, LABELLED_SCHEDULES, M1_FEATURES, SemiConfig
 from ..errors import PyroVAEError
@@ -58,6 +58,8 @@ class SSVAE(PyroProgram):
             config's), drawn with the training seed.
         validation: training images held out of both (None: 10,000, or a fifth of
             the training set when that is fewer).
+        classifier: the network of q(y|x), an architecture by name (its encoder, with
+            the hidden sizes, to the class logits): ``"mlp"`` or ``"conv"``.
     """
 
     pyro_name = "ssvae"
@@ -76,6 +78,7 @@ class SSVAE(PyroProgram):
         schedule: str = SemiConfig.schedule,
         labeled: int = SemiConfig.labeled,
         validation: int | None = SemiConfig.validation,
+        classifier: str = SemiConfig.classifier,
     ):
         check_positive(
             num_classes=num_classes,
@@ -102,7 +105,17 @@ class SSVAE(PyroProgram):
             raise PyroVAEError(
                 f"prior {prior!r} is defined through the VAE's encoder and does not apply to M2"
             ) from None
-        self.classifier_net = mlp([self.data_dim, *hidden, num_classes])
+        if classifier == "mlp":
+            self.classifier_net = mlp([self.data_dim, *hidden, num_classes])
+        else:  # the architecture's encoder, to the logits (its decoder is not used)
+            self.classifier_net, _ = architectures.build(
+                classifier,
+                image_shape=self.image_shape,
+                hidden=tuple(hidden),
+                latent_dim=1,
+                encoder_out=num_classes,
+                decoder_out=self.data_dim,
+            )
         self.encoder = mlp([self.data_dim + num_classes, *hidden, self.posterior.param_dim])
         self.decoder = mlp([latent_dim + num_classes, *reversed(hidden), self.likelihood.param_dim])
         self.register_buffer("class_logits", torch.zeros(num_classes))  # uniform p(y)
