@@ -93,8 +93,9 @@ def main() -> None:
     parser.add_argument(
         "--m1-features", default="sample", help="M1+M2 trains on draws of M1 or its means (mean)"
     )
-    parser.add_argument("--labelled-schedule", default="every-step", help="of every row")
-    parser.add_argument("--aux-weight", type=float, default=50.0, help="of every row")
+    semi = Config().semi
+    parser.add_argument("--labelled-schedule", default=semi.schedule, help="of every row")
+    parser.add_argument("--aux-weight", type=float, default=semi.aux_weight, help="of every row")
     parser.add_argument("--dataset", default="mnist", help="digits: a smoke run of the script")
     parser.add_argument("--hidden", type=int, default=500)
     parser.add_argument("--latent-dim", type=int, default=50)

@@ -20,8 +20,12 @@ from pyro_vae.training.runs import read_metrics
 PYRO_EXAMPLE = {"lr": 4.2e-4, "beta1": 0.95, "batch_size": 200, "aux_weight": 46.0}
 """Pyro's examples/vae/ss_vae_M2.py as documented: -lr 4.2e-4 -b1 0.95 -bs 200 -alm 46."""
 
+BASE = {"schedule": "every-step", "aux_weight": 50.0}
+"""What each setting departs from: M2's defaults when the sweep began (session 5). The
+defaults are proportional, alpha 5000 since session 11, which the sweep chose."""
+
 SETTINGS = {
-    # name: the config's fields that differ from M2's defaults
+    # name: the config's fields that differ from BASE
     "every-step, alpha 50": {},
     "proportional, alpha 50": {"schedule": "proportional"},
     "interleave, alpha 50": {"schedule": "interleave"},
@@ -58,7 +62,7 @@ def config_for(args, **fields) -> Config:
     config.model.kind, config.model.hidden, config.model.latent_dim = "m2", [500], 50
     config.semi.labeled = args.labels
     config.train.epochs, config.train.seed = args.epochs, args.seed
-    for name, value in fields.items():
+    for name, value in {**BASE, **fields}.items():
         section = next(s for s in (config.semi, config.train, config.data) if hasattr(s, name))
         setattr(section, name, value)
     return config

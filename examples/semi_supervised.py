@@ -2,7 +2,7 @@
 
 The same run from the command line:
     pyro-vae train --model m2 --dataset digits --labeled 100 --latent-dim 8 --aux-weight 5 \
-        --epochs 60
+        --labelled-schedule every-step --epochs 60
 
 python examples/semi_supervised.py
 """

@@ -148,14 +148,14 @@ class SemiConfig:
     """The section of the semi-supervised kinds (m2, m1m2); ignored by the others."""
 
     labeled: int = option(100, "class-balanced labelled images, drawn with the seed")
-    aux_weight: float = option(50.0, "alpha of the auxiliary alpha*log q(y|x) term")
+    aux_weight: float = option(5000.0, "alpha of the auxiliary alpha*log q(y|x) term")
     aux_scaling: str = option(
         "absolute",
         "absolute: alpha weighs each labelled image; data: alpha*N weighs their mean "
         "(Kingma et al.'s alpha = 0.1 N, N the training images)",
     )
     schedule: str = option(
-        "every-step",
+        "proportional",
         "how labelled images join: every-step (a labelled batch with each step, unscaled), "
         "proportional (with each step, scaled to the objective as written) or interleave "
         "(steps of their own, each labelled image once an epoch, as Pyro's example)",

@@ -141,8 +141,12 @@ def test_the_readme_model_with_a_learned_class_prior_trains(digits):
 
 
 def epoch_of(schedule, aux_scaling="absolute", batch_size=100):
-    """One epoch's steps of an M2 on the bundled digits (1,100 unlabelled, 100 labelled)."""
-    model = SSVAE((8, 8), latent_dim=3, hidden=(16,), schedule=schedule, aux_scaling=aux_scaling)
+    """One epoch's steps of an M2 on the bundled digits (1,100 unlabelled, 100 labelled),
+    with alpha 50."""
+    model = SSVAE(
+        (8, 8), latent_dim=3, hidden=(16,), schedule=schedule, aux_scaling=aux_scaling,
+        aux_weight=50.0,
+    )  # fmt: skip
     data = ImageBatches(load_dataset("digits"))
     return model, list(semi.train_batches(model, data, batch_size, epoch=1, seed=0))
 
@@ -182,7 +186,7 @@ def test_the_interleaved_schedule_passes_over_each_labelled_image_once_in_steps_
 
 def test_data_scaling_weighs_the_mean_of_the_labelled_aux_terms_by_alpha_n(digits):
     model, _ = epoch_of("every-step", aux_scaling="data")
-    # Kingma et al.'s alpha = 0.1 N over the labelled mean: with the default 50,
+    # Kingma et al.'s alpha = 0.1 N over the labelled mean: with alpha 50,
     # 50 * 1200 / 100 per image (1,100 unlabelled and 100 labelled training images)
     assert model.aux_per_image == pytest.approx(50.0 * 1200 / 100)
     x, labels = digits[0][:4], digits[1][:4]
@@ -195,6 +199,7 @@ def test_data_scaling_weighs_the_mean_of_the_labelled_aux_terms_by_alpha_n(digit
 
 
 def test_the_labelled_scale_multiplies_the_labelled_terms_of_the_step(m2, digits):
+    m2.aux_per_image = 50.0  # alpha; small enough for float32 sums to hold to 1e-6
     x, labels = digits[0][:6], digits[1][:4]
     args = (x, x[:4], one_hot(labels))
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
