@@ -9,7 +9,7 @@ from pyro.infer import SVI
 
 from pyro_vae import VAE, ImageBatches, estimators, load_dataset, train
 from pyro_vae.inference.optim import Adam
-from pyro_vae.training.compiled import CapturedStep, TracedStep, traced_step
+from pyro_vae.training.compiled import CapturedStep, TracedStep, _restored, traced_step
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 from pyro_vae.training.train import resume
 
@@ -122,13 +122,15 @@ def test_a_new_batch_shape_is_traced_again_and_stays_exact(data):
     assert len(step.graphs) == 2
 
 
-def _matches_eager_and_resumes(tmp_path, mode, bound="train_elbo", **sections):
+def _matches_eager_and_resumes(tmp_path, mode, bound="train_elbo", resumes=True, **sections):
     """A run with ``--compile mode`` ends where the eager run ends, and one resumed after
     2 of its 3 epochs ends where it ends."""
 
     def config(epochs, compile):
         train_section = {"epochs": epochs, "compile": compile, "validate": False}
-        return small_config(train=train_section, **sections)
+        return small_config(train={**train_section, **train_options}, **sections)
+
+    train_options = sections.pop("train", {})
 
     eager = train(config(3, "none"), tmp_path / "eager")
     compiled = train(config(3, mode), tmp_path / "compiled")
@@ -137,6 +139,8 @@ def _matches_eager_and_resumes(tmp_path, mode, bound="train_elbo", **sections):
     # counted (the graph's loss is float32, Pyro's eager one a sum of Python floats).
     bounds = [[m[bound] for m in read_metrics(tmp_path / r)] for r in ("eager", "compiled")]
     assert bounds[1] == pytest.approx(bounds[0], rel=1e-6)
+    if not resumes:
+        return
     train(config(2, mode), tmp_path / "resumed")
     resume(tmp_path / "resumed", epochs=3)
     a = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
@@ -210,11 +214,11 @@ def test_semi_supervised_steps_traced_give_the_eager_run(
         assert traced[key] == pytest.approx(eager[key], rel=1e-6), key
 
 
-def _cpu_capture(fn, device):
+def _cpu_capture(fn, device, mutated=()):
     """A CPU stand-in for ``cuda_graph``: capturing runs nothing that lasts (the draws made
-    while recording are put back), and each replay overwrites the same output tensors,
-    as a CUDA graph's replay does."""
-    with torch.random.fork_rng():
+    while recording are put back, and what the run wrote in place), and each replay
+    overwrites the same output tensors, as a CUDA graph's replay does."""
+    with torch.random.fork_rng(), _restored(mutated):
         loss, grads = fn()
 
     def replay():
@@ -267,6 +271,41 @@ def test_the_captured_step_replays_the_eager_steps_bit_for_bit(spec, components,
     params = [p.detach() for p in vae.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))
     assert len(step.captures) == 2 and all(step.captures.values())
+    assert all(c.update is not None for c in step.captures.values()), "Adam in the graph"
+
+
+def test_adam_outside_the_captured_graph_takes_the_same_steps(data, cpu_capture):
+    """As under torchrun, whose gradients are averaged before Adam."""
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    eager_losses, eager_params = _steps(_eager("trace"), vae, data, [64, 28, 64])
+
+    def outside(vae):
+        pyro.clear_param_store()
+        elbo = estimators.build("trace", num_particles=1, data_dim=vae.data_dim)
+        return CapturedStep(vae, elbo, Adam(1e-2), "cudagraph", adam_inside=False)
+
+    pyro.set_rng_seed(0)
+    vae = VAE((8, 8), latent_dim=4, hidden=(16,))
+    losses, params = _steps(outside, vae, data, [64, 28, 64])
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))
+
+
+@pytest.mark.parametrize("schedule", ["exponential:0.5", "onecycle:0.05"])
+def test_a_captured_run_under_a_learning_rate_schedule_matches_eager_and_resumes(
+    schedule, tmp_path, cpu_capture, caplog
+):
+    """A graph holds Adam's learning rate: captured again when an epoch's schedule moves
+    it; a schedule that moves it every step keeps Adam out of the graph. (A one-cycle
+    schedule spans the run's epochs: no resumed run may extend it.)"""
+    per_epoch = schedule.startswith("exponential")
+    with caplog.at_level(logging.INFO, logger="pyro_vae"):
+        _matches_eager_and_resumes(
+            tmp_path, "cudagraph", resumes=per_epoch, train={"lr_schedule": schedule}
+        )
+    assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
+    assert ("with Adam's update" in caplog.text) == per_epoch
 
 
 def test_inductors_kernels_captured_replay_the_eager_steps(data, cpu_capture):
@@ -311,7 +350,7 @@ def test_cudagraph_on_a_cpu_replays_the_traced_step_with_a_notice(tmp_path, capl
 def test_a_failed_capture_replays_uncaptured_with_a_notice_naming_the_shape(
     data, monkeypatch, caplog
 ):
-    def refuse(fn, device):
+    def refuse(fn, device, mutated=()):
         """As a CUDA capture fails: capture_end's error raised over the kernel's."""
         try:
             raise RuntimeError("operation not permitted when stream is capturing")

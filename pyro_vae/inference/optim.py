@@ -105,17 +105,26 @@ class Adam(PyroOptim):
         params = [p for p in params if p.grad is not None]
         if not params:
             return
+        self.ready(params)
+        self.hyperparameters.step()
+        self._update(params, self.lr, self.betas)
+        for p in params:
+            p.grad = None
+
+    def ready(self, params: list[torch.Tensor]) -> None:
+        """Moments for each of ``params`` that has none yet (fresh, or a checkpoint's)."""
         for p in params:
             if p not in self.state:
                 self._add(p)
+
+    def _update(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float]) -> None:
+        """Clip the gradients in ``p.grad`` and apply Adam's update to ``params``."""
         if self.max_grad_norm_per_param:
             for p in params:
                 torch.nn.utils.clip_grad_norm_(p, self.max_grad_norm_per_param)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.hyperparameters.step()
-        group = self.hyperparameters.group
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = betas
         states = [self.state[p] for p in params]
         fused = fused_adam_supported(params[0].device)
         adam(
@@ -130,13 +139,47 @@ class Adam(PyroOptim):
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            lr=group["lr"],
+            lr=lr,
             weight_decay=self.weight_decay,
             eps=self.eps,
             maximize=False,
         )
+
+    # In a CUDA graph: the update as kernels on tensors that stay in place.
+
+    def graphable(self, device: torch.device) -> bool:
+        """Whether :meth:`graph_update` can run inside a CUDA graph on ``device``: it needs
+        the fused kernel, which keeps the step counts on the device."""
+        return fused_adam_supported(device)
+
+    def mutated(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What an update writes in place: ``params``, their moments and step counts."""
+        self.ready(params)
+        return [*params, *(v for p in params for v in self.state[p].values())]
+
+    @property
+    def hyper(self) -> tuple:
+        """The numbers an update takes as arguments: a graph of it holds for these only."""
+        return (self.lr, self.betas)
+
+    def graph_update(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], hyper: tuple
+    ) -> None:
+        """The update of :meth:`__call__` with gradients ``grads``, launching kernels only
+        (no host reads). The learning rate and betas ``hyper`` (:attr:`hyper` when the
+        graph is made) are the kernel's arguments: a graph of it must be made again when
+        those in force change. (The fused kernel could read the learning rate from a
+        tensor, but as a float32, where the eager update's argument is a double: another
+        update in the last bits.) The caller calls :meth:`step_taken` before each replay."""
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        self._update(params, *hyper)
         for p in params:
             p.grad = None
+
+    def step_taken(self) -> None:
+        """Count a step that a graph takes, for the schedulers (as :meth:`__call__` does)."""
+        self.hyperparameters.step()
 
     def _add(self, p: torch.Tensor) -> None:
         """Fresh moments for ``p``, or those saved under its name by a checkpoint."""

@@ -19,8 +19,8 @@ replay as the eager step draws them (inductor keeps PyTorch's own random operati
 
 ``mode="cudagraph"`` (:class:`CapturedStep`) captures the traced graph in a CUDA graph
 per batch shape, with static buffers for the batch and the KL weight, and replays it:
-one launch for the ELBO and all its gradients, then Adam's fused kernel, where the
-eager step launches hundreds of kernels from Python. Replays draw from the device's
+one launch for the ELBO, all its gradients and Adam's fused update, where the eager
+step launches hundreds of kernels from Python. Replays draw from the device's
 generator as the eager kernels would (PyTorch's graph-safe Philox offsets), so the
 numbers are the traced step's; on a CPU, or where a capture fails, it says so once and
 replays the traced graph uncaptured. ``mode="inductor-cudagraph"`` captures the graph as
@@ -31,8 +31,9 @@ operations, in one CUDA graph (and on a CPU, the compiled graph uncaptured).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro
@@ -44,6 +45,7 @@ from torch import nn
 
 from ..errors import PyroVAEError
 from ..inference.kl import KLTerm
+from ..inference.optim import Adam
 
 log = logging.getLogger(__name__)
 
@@ -180,21 +182,25 @@ class TracedStep:
         return loss.detach()
 
 
-def cuda_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], None], Any]:
+def cuda_graph(
+    fn: Callable[[], Any], device: torch.device, mutated: Sequence[torch.Tensor] = ()
+) -> tuple[Callable[[], None], Any]:
     """``fn`` captured in a CUDA graph: (replay, the outputs that each replay overwrites).
 
     ``fn`` must be a function of tensors that stay in place (the graph reads them at
-    their addresses). It is first run twice on a side stream, as capture needs (lazy
-    cuBLAS and allocator set-up); those runs change nothing but the random stream, which
-    ``fork_rng`` puts back. Capture records and runs nothing: the device generator's
-    offset moves at each replay, by what the eager kernels would have drawn.
+    their addresses), and writes in place only the tensors ``mutated`` (an optimizer's
+    parameters and moments). It is first run twice on a side stream, as capture needs
+    (lazy cuBLAS and allocator set-up); those runs change nothing that lasts: the random
+    stream is put back by ``fork_rng`` and ``mutated`` from copies. Capture records and
+    runs nothing: the device generator's offset moves at each replay, by what the eager
+    kernels would have drawn.
     """
     # On ``device`` whatever the current device is (cuda:0 under torchrun, --device
     # cuda:1): a capture records only its stream's device, and torch.cuda.graph's own
     # stream would be made on the current one, another device's kernels running eagerly.
     with torch.cuda.device(device):
         side = torch.cuda.Stream(device)
-        with torch.random.fork_rng(devices=[device]):
+        with torch.random.fork_rng(devices=[device]), _restored(mutated):
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
@@ -208,18 +214,45 @@ def cuda_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[]
     return graph.replay, outputs
 
 
+@contextlib.contextmanager
+def _restored(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """``tensors`` hold on leaving what they held on entering (copied back in place)."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
+
+
 class _Capture:
     """One batch shape's traced graph, captured: static buffers for the batch (the
-    parameters and the KL weight's buffer are read in place) and the graph's outputs."""
+    parameters and the KL weight's buffer are read in place) and the graph's outputs;
+    with ``update`` (Adam's :meth:`~pyro_vae.inference.optim.Adam.graph_update` bound to
+    the parameters and a learning-rate buffer), the update too, in the same graph."""
 
-    def __init__(self, graph: Callable, params, weight: torch.Tensor, args, capture: Callable):
+    def __init__(
+        self,
+        graph: Callable,
+        params,
+        weight: torch.Tensor,
+        args,
+        capture: Callable,
+        update: Callable | None = None,
+        mutated: Sequence[torch.Tensor] = (),
+    ):
         self.inputs = [a.clone() for a in args]
+        self.update = update
 
         def run():
             with torch.no_grad():  # the graph computes the gradients itself
-                return graph(params, weight, *self.inputs)
+                loss, grads = graph(params, weight, *self.inputs)
+                if update is not None:
+                    update(grads)
+            return loss, grads
 
-        self._replay, (self.loss, self.grads) = capture(run, args[0].device)
+        self._replay, (self.loss, self.grads) = capture(run, args[0].device, mutated)
 
     def replay(self, args: tuple[torch.Tensor, ...]) -> None:
         for buffer, a in zip(self.inputs, args, strict=True):
@@ -233,15 +266,24 @@ class CapturedStep(TracedStep):
 
     The first step of each batch shape traces and captures (the last, smaller batch of
     an epoch gets its own graph); every step then copies its batch into the graph's
-    buffer, fills the KL weight's buffer, replays, and applies Adam to the gradients the
-    graph left in its outputs. Its loss is copied out of the graph's output, so the
-    divergence guard can read many steps' losses at once. Batches on a CPU, or a shape
-    whose capture fails, replay the traced graph uncaptured, said once.
+    buffer, fills the KL weight's buffer and replays. Adam's fused update is in the same
+    graph, applied to the gradients there (``adam_inside``; otherwise, as under torchrun,
+    it runs after the replay on the gradients the graph left in its outputs). Its loss
+    is copied out of the graph's output, so the divergence guard can read many steps'
+    losses at once. Batches on a CPU, or a shape whose capture fails, replay the traced
+    graph uncaptured, said once.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, adam_inside: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.captures: dict[tuple, _Capture | None] = {}
+        self.recaptured: dict[tuple, int] = {}
+        """How often each batch shape was captured again, for a new learning rate."""
+        self.adam_inside = adam_inside and isinstance(self.optimizer, Adam)
+        """Whether Adam's update joins the graph: not under torchrun, whose gradients are
+        averaged across processes before it, nor where a schedule moves the learning rate
+        every step (a graph holds one learning rate; it is captured again when the rate
+        changes, which an epoch's schedule does once an epoch)."""
 
     capture_with = staticmethod(cuda_graph)
     """How a graph is captured (``cuda_graph``); a test puts a CPU stand-in here."""
@@ -265,8 +307,10 @@ class CapturedStep(TracedStep):
             else:
                 try:
                     weight = self._weight(args)
-                    capture = self.capture_with
-                    self.captures[key] = _Capture(graph, self.params, weight, args, capture)
+                    update, mutated = self._update(args[0].device)
+                    self.captures[key] = _Capture(
+                        graph, self.params, weight, args, self.capture_with, update, mutated
+                    )
                 except Exception as raised:  # a component whose kernels cannot be captured
                     e = _first_error(raised)  # not capture_end's "previous error during capture"
                     log.warning(
@@ -281,10 +325,22 @@ class CapturedStep(TracedStep):
                     )
                     self.captures[key] = None
                 else:
-                    log.info(
-                        "captured the training step for batches of shape %s", [k[0] for k in key]
+                    log.log(
+                        logging.DEBUG if key in self.recaptured else logging.INFO,
+                        "captured the training step%s for batches of shape %s",
+                        " with Adam's update" if update else "",
+                        [k[0] for k in key],
                     )
         return self.captures[key]
+
+    def _update(self, device: torch.device) -> tuple[Callable | None, list[torch.Tensor]]:
+        """Adam's update for the graph, as a function of the gradients, and what it writes;
+        (None, []) where it stays outside."""
+        if not (self.adam_inside and self.optimizer.graphable(device)):
+            return None, []
+        hyper = self.optimizer.hyper  # the learning rate and betas the graph holds
+        update = functools.partial(self.optimizer.graph_update, self.params, hyper=hyper)
+        return update, self.optimizer.mutated(self.params)
 
     def prepare(self, args: tuple[torch.Tensor, ...]) -> None:
         self.capture(args)
@@ -294,6 +350,15 @@ class CapturedStep(TracedStep):
         if captured is None:
             return super().__call__(*args)
         self._weight(args)  # the captured weight buffer, filled in place
+        if captured.update is not None:
+            if captured.update.keywords["hyper"] != self.optimizer.hyper:  # a schedule's move
+                key = next(k for k, c in self.captures.items() if c is captured)
+                del self.captures[key]
+                self.recaptured[key] = self.recaptured.get(key, 0) + 1
+                return self(*args)
+            self.optimizer.step_taken()
+            captured.replay(args)
+            return captured.loss.clone()
         captured.replay(args)
         for p, g in zip(self.params, captured.grads, strict=True):
             p.grad = g
@@ -320,11 +385,14 @@ def traced_step(
     spec: str,
     program: tuple[Callable, Callable] | None = None,
     kl: KLTerm | None = None,
+    adam_inside: bool = True,
 ) -> TracedStep | None:
     """A :class:`TracedStep`, or None (with a one-line notice) where the step cannot be
     traced: an estimator whose registry entry is not ``traceable`` (its gradients only
     come in place, or PyTorch's JIT compiles it already), or a component that reads
-    values on the host (a plugin's, say), named in the notice."""
+    values on the host (a plugin's, say), named in the notice. ``adam_inside``: whether
+    a captured step may hold Adam's update (False where the learning rate moves every
+    step)."""
     from ..inference.elbos import estimators
 
     if not estimators.parse(spec)[0].traceable:
@@ -333,8 +401,10 @@ def traced_step(
     if pyro.poutine.util.is_validation_enabled():
         log.warning("--compile: Pyro's validation (--validate) cannot be traced; training eagerly")
         return None
-    make = CapturedStep if mode in CAPTURED else TracedStep
-    step = make(model, elbo, optimizer, mode, program, kl)
+    if mode in CAPTURED:
+        step = CapturedStep(model, elbo, optimizer, mode, program, kl, adam_inside=adam_inside)
+    else:
+        step = TracedStep(model, elbo, optimizer, mode, program, kl)
     try:
         step.prepare(args)
     except PyroVAEError:  # bad input, as the eager step would say it too

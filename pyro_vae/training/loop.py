@@ -311,6 +311,7 @@ def _compiled(
     step cannot be traced (said once). Under torchrun each rank traces its own step,
     with the data plate at the training set's size, and the ranks' gradients are averaged
     outside the graph before Adam, as DDP averages them."""
+    from ..inference.schedules import schedules
     from .compiled import traced_step
 
     chosen: list[Callable] = []
@@ -321,7 +322,10 @@ def _compiled(
     def step(*args):
         if not chosen:
             mode, spec = config.train.compile, config.inference.elbo
-            traced = traced_step(model, elbo, optimizer, mode, args, spec, program, kl)
+            per_step = schedules.parse(config.train.lr_schedule)[0].per_step
+            traced = traced_step(
+                model, elbo, optimizer, mode, args, spec, program, kl, adam_inside=not per_step
+            )
             if world.distributed:  # every rank takes the same step, or their collectives differ
                 (ok,) = distributed.all_sum(world, float(traced is not None), device=data.device)
                 if traced is not None and ok < world.size:
