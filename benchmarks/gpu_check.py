@@ -65,11 +65,13 @@ def few_steps(data, device, elbo="trace", **components):
     return round(value, 2)
 
 
-def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", **components):
+def traced_against_eager(
+    data, device, elbo="trace", kind="vae", mode="trace", adam_inside=True, **components
+):
     """Three steps eager and three traced (``mode``: ``trace``, ``cudagraph`` for the
     traced step captured in a CUDA graph, ``inductor-cudagraph`` for inductor's compiled
-    graph captured) from the same weights and seed: the largest difference of their
-    losses (relative) and of their parameters."""
+    graph captured; ``adam_inside``: Adam's update in the graph) from the same weights
+    and seed: the largest difference of their losses (relative) and of their parameters."""
     from pyro_vae.inference.optim import Adam as FusedAdam
     from pyro_vae.models.ssvae import SSVAE
     from pyro_vae.training.compiled import CAPTURED, CapturedStep, TracedStep
@@ -91,8 +93,10 @@ def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", *
             loss = model.build_estimator("trace", 1)
         pyro.clear_param_store()
         optimizer = FusedAdam(1e-2)
-        if traced:
-            step = (CapturedStep if mode in CAPTURED else TracedStep)(model, loss, optimizer, mode)
+        if traced and mode in CAPTURED:
+            step = CapturedStep(model, loss, optimizer, mode, adam_inside=adam_inside)
+        elif traced:
+            step = TracedStep(model, loss, optimizer, mode)
         else:
             step = SVI(*model.svi_program(), optimizer, loss=loss).step
         pyro.set_rng_seed(1)
@@ -101,6 +105,8 @@ def traced_against_eager(data, device, elbo="trace", kind="vae", mode="trace", *
             losses = [float(v) for v in losses]  # read after all three: replays overwrite
         if traced and mode in CAPTURED:
             assert all(step.captures.values()), "the step was not captured"
+            inside = [c.update is not None for c in step.captures.values()]
+            assert all(inside) == adam_inside, "Adam's update in the graph or not, as asked"
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     (a, pa), (b, pb) = runs
     loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
@@ -180,6 +186,11 @@ def main():
             lambda: traced_against_eager(data, device, kind="m2", mode="cudagraph"),
             results,
         )
+        check(
+            "captured step, Adam outside the graph",
+            lambda: traced_against_eager(data, device, mode="cudagraph", adam_inside=False),
+            results,
+        )
         for kind in ("vae", "m2"):  # inductor's kernels captured (a compile each)
             check(
                 f"captured inductor step {kind}",
@@ -199,6 +210,26 @@ def main():
         return {k: summary[k] for k in ("test_elbo", "log_px", "train_images_per_second")}
 
     check("mnist train on cuda", mnist_run, results)
+
+    def captured_mnist_run():
+        """The same run captured (with a schedule that moves the learning rate each epoch,
+        so each epoch captures anew): its test ELBO beside the eager run's."""
+        config = Config()
+        config.data.dataset, config.data.data_dir = "mnist", args.data_dir
+        config.train.device, config.train.epochs = args.device, args.epochs
+        config.train.compile = "cudagraph"
+        summary = train(config, out / "mnist-captured", overwrite=True, progress=False)
+        config.train.lr_schedule = "exponential:0.9"
+        scheduled = train(config, out / "mnist-captured-lr", overwrite=True, progress=False)
+        eager = results["mnist train on cuda"].get("value") or {}
+        return {
+            "test_elbo": summary["test_elbo"],
+            "eager_test_elbo": eager.get("test_elbo"),
+            "train_images_per_second": summary["train_images_per_second"],
+            "scheduled_test_elbo": scheduled["test_elbo"],
+        }
+
+    check("mnist train --compile cudagraph on cuda", captured_mnist_run, results)
     check(
         "mnist resume on cuda",
         lambda: resume(out / "mnist", epochs=args.epochs + 1, progress=False)["test_elbo"],

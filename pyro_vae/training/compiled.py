@@ -161,7 +161,11 @@ class TracedStep:
                 import torch._inductor.config as inductor
 
                 inductor.fallback_random = True  # PyTorch's own random draws: eager's stream
-                graph = torch.compile(graph, dynamic=False)
+                # On a CPU its C++ wrapper calls the kernels, not Python: 3 % a step
+                # (docs/PERFORMANCE.md, session 11)
+                cpu = all(a.device.type == "cpu" for a in args)
+                options = {"cpp_wrapper": True} if cpu else {}
+                graph = torch.compile(graph, dynamic=False, options=options)
             self.graphs[key] = graph
             log.info("traced the training step for batches of shape %s", [k[0] for k in key])
         return self.graphs[key]
