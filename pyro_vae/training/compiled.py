@@ -234,7 +234,8 @@ class _Capture:
     """One batch shape's traced graph, captured: static buffers for the batch (the
     parameters and the KL weight's buffer are read in place) and the graph's outputs;
     with ``update`` (Adam's :meth:`~pyro_vae.inference.optim.Adam.graph_update` bound to
-    the parameters and a learning-rate buffer), the update too, in the same graph."""
+    the parameters and the learning rate and betas in force), the update too, in the same
+    graph; ``mutated``: what the update writes."""
 
     def __init__(
         self,
