@@ -212,8 +212,9 @@ def main():
     check("mnist train on cuda", mnist_run, results)
 
     def captured_mnist_run():
-        """The same run captured (with a schedule that moves the learning rate each epoch,
-        so each epoch captures anew): its test ELBO beside the eager run's."""
+        """The same run captured, each batch gathered and binarized in the graph (and with
+        a schedule that moves the learning rate each epoch, so each epoch captures anew):
+        its test ELBO beside the eager run's."""
         config = Config()
         config.data.dataset, config.data.data_dir = "mnist", args.data_dir
         config.train.device, config.train.epochs = args.device, args.epochs
@@ -222,6 +223,9 @@ def main():
         config.train.lr_schedule = "exponential:0.9"
         scheduled = train(config, out / "mnist-captured-lr", overwrite=True, progress=False)
         eager = results["mnist train on cuda"].get("value") or {}
+        if eager:  # the batches drawn in the graph, as the eager run drew them
+            gap = abs(summary["test_elbo"] - eager["test_elbo"]) / abs(eager["test_elbo"])
+            assert gap < 1e-4, (summary["test_elbo"], eager["test_elbo"])
         return {
             "test_elbo": summary["test_elbo"],
             "eager_test_elbo": eager.get("test_elbo"),

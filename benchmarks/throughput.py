@@ -152,7 +152,7 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=Fa
     """pyro-vae's step traced and compiled with inductor (``--compile inductor``), or
     captured in a CUDA graph (``mode="cudagraph"``); the compile (about 20 s per batch
     shape on 2 cores) or the capture happens at the warm-up, not timed."""
-    from pyro_vae.training.compiled import traced_step
+    from pyro_vae.training.compiled import CAPTURED, InGraphBatches, traced_step
 
     config = Config()
     config.inference.elbo = elbo
@@ -160,13 +160,19 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=Fa
     _, optimizer, estimator = make_svi(vae, config)
     guard = Guard(vae.parameters(), Path("runs/throughput"), 0)
     step_fn = []
+    # As `pyro-vae train` does: a captured step makes its batch in its graph where the
+    # batches are drawn on the device.
+    batches = None
+    if mode in CAPTURED and data.draws_on_device:
+        batches = InGraphBatches(lambda index: vae.step_args(data, index), data.generator_kept)
 
     def step(index):
-        x = data.batch(index)
+        args = (index,) if batches else (data.batch(index),)
         with pyro.validation_enabled(False):
             if not step_fn:
-                step_fn.append(traced_step(vae, estimator, optimizer, mode, (x,), elbo))
-            return guard.step(step_fn[0], x, epoch=1, step=1)
+                made = traced_step(vae, estimator, optimizer, mode, args, elbo, batches=batches)
+                step_fn.append(made)
+            return guard.step(step_fn[0], *args, epoch=1, step=1)
 
     return step
 

@@ -333,6 +333,28 @@ class ImageBatches:
             return _bernoulli_levels(levels, self.dataset.levels, self.rng)
         return levels.float().mul_(self.scale)
 
+    @property
+    def draws_on_device(self) -> bool:
+        """Whether :meth:`batch` runs on the data's device alone: kernels that a CUDA graph
+        can hold, drawing from the device's generator. Not on a CPU (NumPy's generator),
+        nor for dynamically binarized float intensities, whose noise NumPy draws on the
+        host (a graph would hold one draw of it, replayed at every step)."""
+        if self.device.type == "cpu":
+            return False
+        return not (self.binarize == "dynamic" and self.train_images.dtype != torch.uint8)
+
+    @contextlib.contextmanager
+    def generator_kept(self) -> Iterator[None]:
+        """Batches drawn inside leave the noise generators as they were (torch's, of the
+        data's device, and the NumPy one of the CPU's binarization)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        state = self.rng.get_state()
+        with torch.random.fork_rng(devices=devices):
+            try:
+                yield
+            finally:
+                self.rng.set_state(state)
+
     def rng_state(self) -> list:
         """The noise generator's state as tensors and plain data (``weights_only``-safe)."""
         name, keys, *rest = self.rng.get_state()
@@ -390,13 +412,24 @@ class ImageBatches:
         left over by an uneven split are skipped this epoch, so that every rank
         takes the same number of steps).
         """
+        for index in self.train_indices(batch_size, order, rank, world_size):
+            yield self.batch(index)
+
+    def train_indices(
+        self,
+        batch_size: int,
+        order: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        """Where the images of :meth:`train_batches`'s batches are (on the data's device)."""
         if order is None:
             order = torch.randperm(self.num_train, device=self.train_images.device)
         usable = len(order) - len(order) % world_size
         mine = order[:usable][rank::world_size]
         per_rank = max(1, batch_size // world_size)
         for start in range(0, len(mine), per_rank):
-            yield self.batch(mine[start : start + per_rank])
+            yield mine[start : start + per_rank]
 
     def all_images(self, chunk: int = 10_000) -> Iterator[torch.Tensor]:
         """Every training and test image as the model will see it, in chunks."""

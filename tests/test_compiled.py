@@ -1,5 +1,7 @@
 """--compile: the SVI step traced into one graph per batch shape gives Pyro's eager numbers."""
 
+import contextlib
+import dataclasses
 import logging
 
 import pyro
@@ -9,7 +11,7 @@ from pyro.infer import SVI
 
 from pyro_vae import VAE, ImageBatches, estimators, load_dataset, train
 from pyro_vae.inference.optim import Adam
-from pyro_vae.training.compiled import CapturedStep, TracedStep, _restored, traced_step
+from pyro_vae.training.compiled import CapturedStep, TracedStep, traced_step
 from pyro_vae.training.runs import load_checkpoint, read_metrics
 from pyro_vae.training.train import resume
 
@@ -214,11 +216,11 @@ def test_semi_supervised_steps_traced_give_the_eager_run(
         assert traced[key] == pytest.approx(eager[key], rel=1e-6), key
 
 
-def _cpu_capture(fn, device, mutated=()):
+def _cpu_capture(fn, device, kept=contextlib.nullcontext):
     """A CPU stand-in for ``cuda_graph``: capturing runs nothing that lasts (the draws made
     while recording are put back, and what the run wrote in place), and each replay
     overwrites the same output tensors, as a CUDA graph's replay does."""
-    with torch.random.fork_rng(), _restored(mutated):
+    with torch.random.fork_rng(), kept():
         loss, grads = fn()
 
     def replay():
@@ -327,13 +329,57 @@ def test_inductors_kernels_captured_replay_the_eager_steps(data, cpu_capture):
     assert all(hasattr(g, "_torchdynamo_orig_callable") for g in step.graphs.values())
 
 
-def test_a_captured_run_matches_the_eager_run_and_resumes_exactly(tmp_path, cpu_capture, caplog):
-    """With KL warm-up, whose weight (a buffer the graph reads) changes every step."""
+@pytest.mark.parametrize("in_graph", [False, True], ids=["batch-copied-in", "batch-in-graph"])
+def test_a_captured_run_matches_the_eager_run_and_resumes_exactly(
+    in_graph, tmp_path, cpu_capture, caplog, monkeypatch
+):
+    """With KL warm-up, whose weight (a buffer the graph reads) changes every step; the
+    batch copied into the graph's buffer, or gathered and binarized in the graph from
+    the step's indices (as on a GPU, where the batches are drawn on the device; here the
+    stand-in replays the CPU's draws in the same order)."""
+    monkeypatch.setattr(CapturedStep, "batches_capturable", staticmethod(lambda data: in_graph))
     with caplog.at_level(logging.INFO, logger="pyro_vae"):
         _matches_eager_and_resumes(
             tmp_path, "cudagraph", "train_objective", inference={"kl_warmup": 2}
         )
     assert "captured the training step" in caplog.text and "uncaptured" not in caplog.text
+    assert ("with its batch" in caplog.text) == in_graph
+
+
+def test_batches_join_the_graph_only_where_they_are_drawn_on_the_device(monkeypatch):
+    """On a CPU NumPy draws the noise; float intensities draw theirs on the host even on
+    a GPU (a graph would replay one draw at every step); M2's batches stay outside."""
+    from unittest import mock
+
+    from pyro_vae import SSVAE, Config
+    from pyro_vae.training import distributed
+    from pyro_vae.training.loop import _batches_in_graph
+
+    digits = load_dataset("digits")
+    floats = dataclasses.replace(
+        digits,
+        levels=None,
+        train_images=digits.train_images / 16.0,
+        test_images=digits.test_images / 16.0,
+    )
+    assert not ImageBatches(digits).draws_on_device
+    on_gpu = mock.patch.object(
+        ImageBatches, "device", new_callable=mock.PropertyMock, return_value=torch.device("cuda")
+    )
+    with on_gpu:
+        assert ImageBatches(digits, "dynamic").draws_on_device
+        assert ImageBatches(digits, "static").draws_on_device
+        assert ImageBatches(floats, "none").draws_on_device
+        assert not ImageBatches(floats, "dynamic").draws_on_device
+    config = Config()
+    config.train.compile = "cudagraph"
+    monkeypatch.setattr(CapturedStep, "batches_capturable", staticmethod(lambda data: True))
+    vae, m2, one = VAE((8, 8)), SSVAE((8, 8)), distributed.World()
+    assert _batches_in_graph(vae, None, config, one) and not _batches_in_graph(
+        m2, None, config, one
+    )
+    config.train.compile = "inductor"
+    assert not _batches_in_graph(vae, None, config, one)
 
 
 def test_cudagraph_on_a_cpu_replays_the_traced_step_with_a_notice(tmp_path, caplog):
@@ -350,7 +396,7 @@ def test_cudagraph_on_a_cpu_replays_the_traced_step_with_a_notice(tmp_path, capl
 def test_a_failed_capture_replays_uncaptured_with_a_notice_naming_the_shape(
     data, monkeypatch, caplog
 ):
-    def refuse(fn, device, mutated=()):
+    def refuse(fn, device, kept=None):
         """As a CUDA capture fails: capture_end's error raised over the kernel's."""
         try:
             raise RuntimeError("operation not permitted when stream is capturing")

@@ -127,11 +127,25 @@ class PyroProgram(nn.Module):
         """One epoch of ``(x,)``: the training images in an order set by (seed, epoch)."""
         from ..training.loop import Batches
 
+        indices = self.index_batches(data, batch_size, epoch, seed, rank, world)
+        steps = (self.step_args(data, index) for (index,) in indices)
+        return Batches(steps, len(indices), indices.batch_size)
+
+    def index_batches(self, data, batch_size: int, epoch: int, seed: int, rank: int, world: int):
+        """:meth:`train_batches` as ``(index,)``, where each batch's images are, for a step
+        that makes its batch itself (:meth:`step_args`), inside a CUDA graph. A subclass
+        whose ``train_batches`` yields other arguments overrides both, or neither is used."""
+        from ..training.loop import Batches
+
         order = data.epoch_order(seed, epoch)
-        batches = data.train_batches(batch_size, order, rank, world)
+        indices = data.train_indices(batch_size, order, rank, world)
         per_rank = max(1, min(batch_size, data.num_train) // world)
         count = -(-(data.num_train // world) // per_rank)
-        return Batches(((x,) for x in batches), count, min(batch_size, data.num_train))
+        return Batches(((i,) for i in indices), count, min(batch_size, data.num_train))
+
+    def step_args(self, data, index):
+        """The step arguments of the batch at ``index``: what :meth:`train_batches` yields."""
+        return (data.batch(index),)
 
     def train_record(self, mean_loss: float | None) -> dict:
         """The training bound per image (None for an estimator whose loss is no bound)."""

@@ -187,24 +187,24 @@ class TracedStep:
 
 
 def cuda_graph(
-    fn: Callable[[], Any], device: torch.device, mutated: Sequence[torch.Tensor] = ()
+    fn: Callable[[], Any], device: torch.device, kept: Callable = contextlib.nullcontext
 ) -> tuple[Callable[[], None], Any]:
     """``fn`` captured in a CUDA graph: (replay, the outputs that each replay overwrites).
 
     ``fn`` must be a function of tensors that stay in place (the graph reads them at
-    their addresses), and writes in place only the tensors ``mutated`` (an optimizer's
-    parameters and moments). It is first run twice on a side stream, as capture needs
-    (lazy cuBLAS and allocator set-up); those runs change nothing that lasts: the random
-    stream is put back by ``fork_rng`` and ``mutated`` from copies. Capture records and
-    runs nothing: the device generator's offset moves at each replay, by what the eager
-    kernels would have drawn.
+    their addresses). ``kept()`` is a context that puts back what ``fn`` changes besides
+    the device's random stream (an optimizer's parameters and moments, copied). ``fn``
+    is first run twice on a side stream, as capture needs (lazy cuBLAS and allocator
+    set-up); those runs change nothing that lasts: the random stream is put back by
+    ``fork_rng``, the rest by ``kept``. Capture records and runs nothing: the device
+    generator's offset moves at each replay, by what the eager kernels would have drawn.
     """
     # On ``device`` whatever the current device is (cuda:0 under torchrun, --device
     # cuda:1): a capture records only its stream's device, and torch.cuda.graph's own
     # stream would be made on the current one, another device's kernels running eagerly.
     with torch.cuda.device(device):
         side = torch.cuda.Stream(device)
-        with torch.random.fork_rng(devices=[device]), _restored(mutated):
+        with torch.random.fork_rng(devices=[device]), kept():
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
@@ -230,6 +230,29 @@ def _restored(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
                 t.copy_(value)
 
 
+class InGraphBatches:
+    """How a captured step makes its own batch from the step's argument, the indices of
+    its images, so that gathering and binarizing the batch join the CUDA graph.
+
+    Args:
+        make: ``make(index)``, the step arguments of the batch at ``index`` (a model's
+            ``step_args`` bound to its data).
+        kept: a context under which batches drawn leave the data's generators as they
+            were (``ImageBatches.generator_kept``).
+    """
+
+    def __init__(self, make: Callable[[torch.Tensor], tuple], kept: Callable):
+        self.make, self.kept = make, kept
+
+    def __call__(self, index: torch.Tensor) -> tuple:
+        return self.make(index)
+
+    def example(self, index: torch.Tensor) -> tuple:
+        """Step arguments shaped as ``index``'s, drawn without moving any generator."""
+        with self.kept():
+            return self.make(index)
+
+
 class _Capture:
     """One batch shape's traced graph, captured: static buffers for the batch (the
     parameters and the KL weight's buffer are read in place) and the graph's outputs;
@@ -246,18 +269,27 @@ class _Capture:
         capture: Callable,
         update: Callable | None = None,
         mutated: Sequence[torch.Tensor] = (),
+        batches: InGraphBatches | None = None,
     ):
         self.inputs = [a.clone() for a in args]
         self.update = update
 
         def run():
             with torch.no_grad():  # the graph computes the gradients itself
-                loss, grads = graph(params, weight, *self.inputs)
+                step_args = self.inputs if batches is None else batches(*self.inputs)
+                loss, grads = graph(params, weight, *step_args)
                 if update is not None:
                     update(grads)
             return loss, grads
 
-        self._replay, (self.loss, self.grads) = capture(run, args[0].device, mutated)
+        def kept():
+            stack = contextlib.ExitStack()
+            stack.enter_context(_restored(mutated))
+            if batches is not None:
+                stack.enter_context(batches.kept())
+            return stack
+
+        self._replay, (self.loss, self.grads) = capture(run, args[0].device, kept)
 
     def replay(self, args: tuple[torch.Tensor, ...]) -> None:
         for buffer, a in zip(self.inputs, args, strict=True):
@@ -279,8 +311,17 @@ class CapturedStep(TracedStep):
     graph uncaptured, said once.
     """
 
-    def __init__(self, *args: Any, adam_inside: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        adam_inside: bool = True,
+        batches: InGraphBatches | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
+        self.batches = batches
+        """With it the step takes the indices of its images and makes the batch in the
+        graph; without, the step takes the batch."""
         self.captures: dict[tuple, _Capture | None] = {}
         self.recaptured: dict[tuple, int] = {}
         """How often each batch shape was captured again, for a new learning rate."""
@@ -296,11 +337,16 @@ class CapturedStep(TracedStep):
     def capturable(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
+    @staticmethod
+    def batches_capturable(data) -> bool:
+        """Whether ``data``'s batches can be made inside the graph (drawn on the device)."""
+        return data.draws_on_device
+
     def capture(self, args: tuple[torch.Tensor, ...]) -> _Capture | None:
         """The capture for batches shaped like ``args`` (None: replayed uncaptured)."""
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
         if key not in self.captures:
-            graph = self.graph(args)
+            graph = self.graph(args if self.batches is None else self.batches.example(*args))
             if not self.capturable(args[0].device):
                 log.warning(
                     "--compile %s: CUDA graphs need a CUDA device, and the batch is on "
@@ -314,7 +360,14 @@ class CapturedStep(TracedStep):
                     weight = self._weight(args)
                     update, mutated = self._update(args[0].device)
                     self.captures[key] = _Capture(
-                        graph, self.params, weight, args, self.capture_with, update, mutated
+                        graph,
+                        self.params,
+                        weight,
+                        args,
+                        self.capture_with,
+                        update,
+                        mutated,
+                        self.batches,
                     )
                 except Exception as raised:  # a component whose kernels cannot be captured
                     e = _first_error(raised)  # not capture_end's "previous error during capture"
@@ -332,7 +385,8 @@ class CapturedStep(TracedStep):
                 else:
                     log.log(
                         logging.DEBUG if key in self.recaptured else logging.INFO,
-                        "captured the training step%s for batches of shape %s",
+                        "captured the training step%s%s for batches of shape %s",
+                        " with its batch" if self.batches else "",
                         " with Adam's update" if update else "",
                         [k[0] for k in key],
                     )
@@ -353,7 +407,7 @@ class CapturedStep(TracedStep):
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         captured = self.capture(args)
         if captured is None:
-            return super().__call__(*args)
+            return super().__call__(*(args if self.batches is None else self.batches(*args)))
         self._weight(args)  # the captured weight buffer, filled in place
         if captured.update is not None:
             if captured.update.keywords["hyper"] != self.optimizer.hyper:  # a schedule's move
@@ -391,13 +445,15 @@ def traced_step(
     program: tuple[Callable, Callable] | None = None,
     kl: KLTerm | None = None,
     adam_inside: bool = True,
+    batches: InGraphBatches | None = None,
 ) -> TracedStep | None:
     """A :class:`TracedStep`, or None (with a one-line notice) where the step cannot be
     traced: an estimator whose registry entry is not ``traceable`` (its gradients only
     come in place, or PyTorch's JIT compiles it already), or a component that reads
     values on the host (a plugin's, say), named in the notice. ``adam_inside``: whether
     a captured step may hold Adam's update (False where the learning rate moves every
-    step)."""
+    step). ``batches``: a captured step's batches made in its graph; ``args`` are then
+    the first step's indices."""
     from ..inference.elbos import estimators
 
     if not estimators.parse(spec)[0].traceable:
@@ -407,8 +463,12 @@ def traced_step(
         log.warning("--compile: Pyro's validation (--validate) cannot be traced; training eagerly")
         return None
     if mode in CAPTURED:
-        step = CapturedStep(model, elbo, optimizer, mode, program, kl, adam_inside=adam_inside)
+        step = CapturedStep(
+            model, elbo, optimizer, mode, program, kl, adam_inside=adam_inside, batches=batches
+        )
     else:
+        if batches is not None:
+            raise ValueError(f"--compile {mode}: only a captured step makes its own batches")
         step = TracedStep(model, elbo, optimizer, mode, program, kl)
     try:
         step.prepare(args)

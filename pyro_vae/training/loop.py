@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -63,9 +64,11 @@ class Trainable(Protocol):
     - ``summary(data, metrics, config, world)``: what the run adds to the summary.
     - ``save_pictures(data, run_dir, metrics)``: the run's pictures.
 
-    Two more are optional: ``watched(data)``, the record's key of the held-out number
-    that ``--lr-schedule plateau`` watches (None: none), and ``epoch_pictures(data)``,
-    image grids for ``--tensorboard``.
+    Four more are optional: ``watched(data)``, the record's key of the held-out number
+    that ``--lr-schedule plateau`` watches (None: none), ``epoch_pictures(data)``,
+    image grids for ``--tensorboard``, and ``index_batches`` with ``step_args(data,
+    index)``: ``train_batches`` as the indices of each batch's images, and the step's
+    arguments made from them, so that a captured step makes its batch in its CUDA graph.
     """
 
     def svi_program(self) -> tuple[Callable, Callable]: ...
@@ -166,8 +169,11 @@ def run(
         step_fn = distributed.step(model, program, optimizer, elbo, data.num_train)
     else:
         step_fn = SVI(*program, optimizer, loss=elbo).step
+    in_graph = _batches_in_graph(model, data, config, world)
     if t.compile != "none":
-        step_fn = _compiled(step_fn, model, program, kl, elbo, optimizer, config, world, data)
+        step_fn = _compiled(
+            step_fn, model, program, kl, elbo, optimizer, config, world, data, in_graph
+        )
     if checkpoint:
         optimizer.set_state(checkpoint["optimizer"])
         if hasattr(elbo, "load_state_dict"):
@@ -190,7 +196,8 @@ def run(
             model.train()
             epoch_start = time.perf_counter()
             images = 0
-            batches = model.train_batches(data, t.batch_size, epoch, t.seed, world.rank, world.size)
+            make = model.index_batches if in_graph else model.train_batches
+            batches = make(data, t.batch_size, epoch, t.seed, world.rank, world.size)
             batch_size = batches.batch_size
             if batch_size < t.batch_size and epoch == last_saved + 1 and world.is_main:
                 log.warning(
@@ -306,13 +313,20 @@ def _compiled(
     config: Config,
     world: distributed.World,
     data: ImageBatches,
+    in_graph: bool = False,
 ) -> Callable:
     """The traced step (``--compile``), made at the first batch; the eager one where the
     step cannot be traced (said once). Under torchrun each rank traces its own step,
     with the data plate at the training set's size, and the ranks' gradients are averaged
-    outside the graph before Adam, as DDP averages them."""
+    outside the graph before Adam, as DDP averages them. ``in_graph``: the steps take
+    their images' indices, and a captured step makes its batch in its graph."""
     from ..inference.schedules import schedules
-    from .compiled import traced_step
+    from .compiled import InGraphBatches, traced_step
+
+    batches = None
+    if in_graph:
+        batches = InGraphBatches(functools.partial(model.step_args, data), data.generator_kept)
+        eager = _with_batches(eager, batches)
 
     chosen: list[Callable] = []
     if world.distributed:
@@ -324,7 +338,16 @@ def _compiled(
             mode, spec = config.train.compile, config.inference.elbo
             per_step = schedules.parse(config.train.lr_schedule)[0].per_step
             traced = traced_step(
-                model, elbo, optimizer, mode, args, spec, program, kl, adam_inside=not per_step
+                model,
+                elbo,
+                optimizer,
+                mode,
+                args,
+                spec,
+                program,
+                kl,
+                adam_inside=not per_step,
+                batches=batches,
             )
             if world.distributed:  # every rank takes the same step, or their collectives differ
                 (ok,) = distributed.all_sum(world, float(traced is not None), device=data.device)
@@ -338,6 +361,35 @@ def _compiled(
         return chosen[0](*args)
 
     return step
+
+
+def _with_batches(step: Callable, batches) -> Callable:
+    """``step`` taking its images' indices: it makes its batch first."""
+
+    def on_indices(index: torch.Tensor):
+        return step(*batches(index))
+
+    return on_indices
+
+
+def _batches_in_graph(model, data: ImageBatches, config: Config, world) -> bool:
+    """Whether the steps take their images' indices so that a captured step makes its
+    batch in its graph: ``--compile cudagraph`` (or ``inductor-cudagraph``), one process,
+    data whose batches are drawn on the device (``CapturedStep.batches_capturable``), and
+    a model whose ``index_batches`` and ``step_args`` belong with its ``train_batches``
+    (defined by the class that defines it, or below): M2's batches do not, and are made
+    before each step as in eager training."""
+    from .compiled import CAPTURED, CapturedStep
+
+    if config.train.compile not in CAPTURED or world.distributed:
+        return False
+    if not hasattr(model, "index_batches") or not CapturedStep.batches_capturable(data):
+        return False
+
+    def defined_by(name: str) -> type:
+        return next(k for k in type(model).__mro__ if name in vars(k))
+
+    return issubclass(defined_by("index_batches"), defined_by("train_batches"))
 
 
 def sharded(world: distributed.World, measure: Callable, images: torch.Tensor, *args) -> Any:
