@@ -10,6 +10,7 @@ Prints one line per check and a JSON summary (also written to OUT/gpu_check.json
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -115,6 +116,51 @@ def traced_against_eager(
     return {"loss_gap": loss_gap, "param_gap": param_gap}
 
 
+def batches_in_graph_against_eager(data, device):
+    """Four eager steps, each on a batch binarized afresh (``data`` dynamic, on the
+    device), and four captured steps that make their batch in the graph from the same
+    indices, Adam in the graph and the learning rate halved after each step (so each
+    step captures anew): the largest difference of their losses (relative) and of their
+    parameters. The binarization's draws and the model's must come in eager's order."""
+    from pyro_vae.inference.optim import Adam as FusedAdam
+    from pyro_vae.training.compiled import CapturedStep, InGraphBatches
+
+    index = torch.arange(64, device=device)
+    runs = []
+    for captured in (False, True):
+        pyro.set_rng_seed(0)
+        model = VAE((8, 8), latent_dim=4, hidden=(32,)).to(device)
+        loss = estimators.build("trace", num_particles=1, data_dim=64)
+        pyro.clear_param_store()
+        optimizer = FusedAdam(1e-2)
+        make = functools.partial(model.step_args, data)
+        if captured:
+            batches = InGraphBatches(make, data.generator_kept)
+            step = CapturedStep(model, loss, optimizer, "cudagraph", batches=batches)
+        else:
+            svi = SVI(*model.svi_program(), optimizer, loss=loss)
+
+            def step(i, svi=svi, make=make):
+                return svi.step(*make(i))
+
+        pyro.set_rng_seed(1)
+        data.rng.seed(1)  # the CPU's binarization (on CUDA the device's generator draws)
+        losses = []
+        with pyro.validation_enabled(False):
+            for _ in range(4):
+                losses.append(step(index))
+                optimizer.hyperparameters.group["lr"] *= 0.5
+            losses = [float(v) for v in losses]
+        if captured:
+            assert all(step.captures.values()) and step.recaptured, "captured, and again"
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (a, pa), (b, pb) = runs
+    loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
+    param_gap = max((u - v).abs().max().item() for u, v in zip(pa, pb, strict=True))
+    assert loss_gap < 1e-5 and param_gap < 1e-5, (loss_gap, param_gap)
+    return {"loss_gap": loss_gap, "param_gap": param_gap}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", required=True)
@@ -184,6 +230,12 @@ def main():
         check(
             "captured step m2",
             lambda: traced_against_eager(data, device, kind="m2", mode="cudagraph"),
+            results,
+        )
+        dynamic = ImageBatches(eight_bit, "dynamic", device)
+        check(
+            "captured step, batch in the graph, learning rate moved",
+            lambda: batches_in_graph_against_eager(dynamic, device),
             results,
         )
         check(

@@ -157,7 +157,7 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=Fa
     config = Config()
     config.inference.elbo = elbo
     vae = build_benchmark_vae(config, data, device, stock)
-    _, optimizer, estimator = make_svi(vae, config)
+    svi, optimizer, estimator = make_svi(vae, config)
     guard = Guard(vae.parameters(), Path("runs/throughput"), 0)
     step_fn = []
     # As `pyro-vae train` does: a captured step makes its batch in its graph where the
@@ -171,6 +171,8 @@ def pyro_vae_compiled_step(data, device, elbo="trace", mode="inductor", stock=Fa
         with pyro.validation_enabled(False):
             if not step_fn:
                 made = traced_step(vae, estimator, optimizer, mode, args, elbo, batches=batches)
+                if made is None:  # not traceable: Pyro's eager step, said once
+                    made = (lambda index: svi.step(*batches(index))) if batches else svi.step
                 step_fn.append(made)
             return guard.step(step_fn[0], *args, epoch=1, step=1)
 

@@ -336,10 +336,10 @@ class ImageBatches:
     @property
     def draws_on_device(self) -> bool:
         """Whether :meth:`batch` runs on the data's device alone: kernels that a CUDA graph
-        can hold, drawing from the device's generator. Not on a CPU (NumPy's generator),
-        nor for dynamically binarized float intensities, whose noise NumPy draws on the
-        host (a graph would hold one draw of it, replayed at every step)."""
-        if self.device.type == "cpu":
+        can hold, drawing from the device's generator. Only on CUDA: not on a CPU (NumPy's
+        generator), nor for dynamically binarized float intensities, whose noise NumPy
+        draws on the host (a graph would hold one draw of it, replayed at every step)."""
+        if self.device.type != "cuda":  # CUDA graphs, and the generator kept below
             return False
         return not (self.binarize == "dynamic" and self.train_images.dtype != torch.uint8)
 

@@ -414,6 +414,7 @@ class CapturedStep(TracedStep):
                 key = next(k for k, c in self.captures.items() if c is captured)
                 del self.captures[key]
                 self.recaptured[key] = self.recaptured.get(key, 0) + 1
+                del captured  # the old graph's memory goes before the new one is captured
                 return self(*args)
             self.optimizer.step_taken()
             captured.replay(args)

@@ -378,7 +378,8 @@ def _batches_in_graph(model, data: ImageBatches, config: Config, world) -> bool:
     data whose batches are drawn on the device (``CapturedStep.batches_capturable``), and
     a model whose ``index_batches`` and ``step_args`` belong with its ``train_batches``
     (defined by the class that defines it, or below): M2's batches do not, and are made
-    before each step as in eager training."""
+    before each step as in eager training. (``train_batches`` of the base class is built
+    from the other two, so checking ``index_batches`` checks the pair.)"""
     from .compiled import CAPTURED, CapturedStep
 
     if config.train.compile not in CAPTURED or world.distributed:
