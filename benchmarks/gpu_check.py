@@ -66,6 +66,16 @@ def few_steps(data, device, elbo="trace", **components):
     return round(value, 2)
 
 
+def gaps(eager, other):
+    """The largest differences of two runs' (losses, parameters): losses relative; both
+    must be under 1e-5."""
+    (a, pa), (b, pb) = eager, other
+    loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
+    param_gap = max((u - v).abs().max().item() for u, v in zip(pa, pb, strict=True))
+    assert loss_gap < 1e-5 and param_gap < 1e-5, (loss_gap, param_gap)
+    return {"loss_gap": loss_gap, "param_gap": param_gap}
+
+
 def traced_against_eager(
     data, device, elbo="trace", kind="vae", mode="trace", adam_inside=True, **components
 ):
@@ -109,11 +119,7 @@ def traced_against_eager(
             inside = [c.update is not None for c in step.captures.values()]
             assert all(inside) == adam_inside, "Adam's update in the graph or not, as asked"
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (a, pa), (b, pb) = runs
-    loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
-    param_gap = max((u - v).abs().max().item() for u, v in zip(pa, pb, strict=True))
-    assert loss_gap < 1e-5 and param_gap < 1e-5, (loss_gap, param_gap)
-    return {"loss_gap": loss_gap, "param_gap": param_gap}
+    return gaps(*runs)
 
 
 def batches_in_graph_against_eager(data, device):
@@ -154,11 +160,7 @@ def batches_in_graph_against_eager(data, device):
         if captured:
             assert all(step.captures.values()) and step.recaptured, "captured, and again"
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (a, pa), (b, pb) = runs
-    loss_gap = max(abs(u - v) / abs(u) for u, v in zip(a, b, strict=True))
-    param_gap = max((u - v).abs().max().item() for u, v in zip(pa, pb, strict=True))
-    assert loss_gap < 1e-5 and param_gap < 1e-5, (loss_gap, param_gap)
-    return {"loss_gap": loss_gap, "param_gap": param_gap}
+    return gaps(*runs)
 
 
 def main():
