@@ -282,16 +282,20 @@ def test_adam_outside_the_captured_graph_takes_the_same_steps(data, cpu_capture)
     vae = VAE((8, 8), latent_dim=4, hidden=(16,))
     eager_losses, eager_params = _steps(_eager("trace"), vae, data, [64, 28, 64])
 
+    made = []
+
     def outside(vae):
         pyro.clear_param_store()
         elbo = estimators.build("trace", num_particles=1, data_dim=vae.data_dim)
-        return CapturedStep(vae, elbo, Adam(1e-2), "cudagraph", adam_inside=False)
+        made.append(CapturedStep(vae, elbo, Adam(1e-2), "cudagraph", adam_inside=False))
+        return made[0]
 
     pyro.set_rng_seed(0)
     vae = VAE((8, 8), latent_dim=4, hidden=(16,))
     losses, params = _steps(outside, vae, data, [64, 28, 64])
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(eager_params, params, strict=True))
+    assert all(c is not None and c.update is None for c in made[0].captures.values())
 
 
 @pytest.mark.parametrize("schedule", ["exponential:0.5", "onecycle:0.05"])
