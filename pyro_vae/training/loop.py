@@ -34,7 +34,7 @@ from ..inference.divergence import Guard
 from ..inference.elbos import has_bound
 from ..inference.kl import KLTerm
 from ..inference.optim import Adam
-from ..inference.schedules import Schedule
+from ..inference.schedules import Schedule, schedules
 from . import distributed, tensorboard
 from .runs import (
     SUMMARY_FILE,
@@ -320,7 +320,6 @@ def _compiled(
     with the data plate at the training set's size, and the ranks' gradients are averaged
     outside the graph before Adam, as DDP averages them. ``in_graph``: the steps take
     their images' indices, and a captured step makes its batch in its graph."""
-    from ..inference.schedules import schedules
     from .compiled import InGraphBatches, traced_step
 
     batches = None
