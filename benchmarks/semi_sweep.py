@@ -20,9 +20,10 @@ from pyro_vae.training.runs import read_metrics
 PYRO_EXAMPLE = {"lr": 4.2e-4, "beta1": 0.95, "batch_size": 200, "aux_weight": 46.0}
 """Pyro's examples/vae/ss_vae_M2.py as documented: -lr 4.2e-4 -b1 0.95 -bs 200 -alm 46."""
 
-BASE = {"schedule": "every-step", "aux_weight": 50.0}
+BASE = {"schedule": "every-step", "aux_weight": 50.0, "lr": 1e-3}
 """What each setting departs from: M2's defaults when the sweep began (session 5). The
-defaults are proportional, alpha 5000 since session 11, which the sweep chose."""
+defaults are proportional, alpha 5000 since session 11, and lr 3e-3 since session 13,
+which the sweep chose."""
 
 SETTINGS = {
     # name: the config's fields that differ from BASE

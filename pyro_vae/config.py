@@ -107,7 +107,9 @@ class InferenceConfig:
 class TrainConfig:
     epochs: int = option(10, "passes over the training set")
     batch_size: int = option(128, "images per SVI step")
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float | None = option(
+        None, "Adam learning rate (unset: the model's own)", shown="0.001; m2: 0.003"
+    )
     beta1: float = option(0.9, "Adam's decay rate of the gradient's running mean")
     beta2: float = option(0.999, "Adam's decay rate of the squared gradient's running mean")
     seed: int = option(0, "random seed", shown="0")
@@ -458,7 +460,7 @@ def validate_training(config: Config) -> Config:
         (i.iw_samples >= 1, "inference.iw_samples must be >= 1"),
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
-        (math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
+        (t.lr is None or math.isfinite(t.lr) and t.lr > 0, "train.lr must be a finite number > 0"),
         (0 <= t.beta1 < 1, "train.beta1 must be in [0, 1)"),
         (0 <= t.beta2 < 1, "train.beta2 must be in [0, 1)"),
         (0 <= t.seed <= SEED_MAX, f"train.seed must be in 0 .. {SEED_MAX}"),

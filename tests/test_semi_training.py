@@ -56,10 +56,10 @@ def test_m2_trains_from_the_cli_with_accuracy_per_epoch_and_its_pictures(tmp_pat
 def test_m2_trains_with_the_jitted_enumerating_elbo_as_with_the_eager_one(schedule, tmp_path):
     summaries = []
     for elbo in ("trace", "jit-trace"):
-        config = m2_config(epochs=1)
+        config = m2_config(epochs=1, lr=1e-3)
         config.inference.elbo, config.semi.schedule = elbo, schedule
-        # alpha 50: at 5000 one interleaved epoch turns float32's rounding gaps between
-        # the two into a few test images' difference
+        # alpha 50 and lr 1e-3: at 5000, or at M2's 3e-3, one epoch turns float32's
+        # rounding gaps between the two into a few test images' difference
         config.semi.aux_weight = 50.0
         summaries.append(train(config, tmp_path / elbo, progress=False))
     eager, jitted = summaries
@@ -221,7 +221,8 @@ def test_m2_on_digits_with_100_labels_beats_its_classifier_trained_on_the_labels
         config = small_config(
             model={"kind": "m2", "latent_dim": 8, "hidden": [400]},
             semi={"aux_weight": 5.0, "schedule": "every-step"},
-            train={"epochs": 60, "seed": seed, "batch_size": 128, "validate": False},
+            # the rate the classifier alone trains at (as measured, before M2's 3e-3)
+            train={"epochs": 60, "seed": seed, "batch_size": 128, "validate": False, "lr": 1e-3},
         )
         summary = train(config, tmp_path / f"m2-{seed}", progress=False)
         parts = semi.split_for(config, data.dataset)
@@ -279,3 +280,30 @@ def test_interleaved_labelled_steps_do_not_warn_that_nothing_is_enumerated(tmp_p
         warnings.simplefilter("always")
         semi.estimator("trace", 1).loss(lambda: None, lambda: None)
     assert [w for w in caught if semi.NOTHING_TO_ENUMERATE in str(w.message)]
+
+
+def test_m2_trains_at_its_own_learning_rate_unless_one_is_given(tmp_path):
+    from pyro_vae import config as config_module
+
+    def trained(name, **train_fields):
+        config = m2_config(epochs=1, **train_fields)
+        train(config, tmp_path / name, progress=False)
+        saved = config_module.load(tmp_path / name / "config.toml", saved_run=True)
+        return saved.train.lr, load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
+
+    assert config_module.Config().train.lr is None
+    lr, unset = trained("unset")
+    assert lr == 3e-3  # M2's own, written into the run's config
+    _, given = trained("given", lr=3e-3)
+    lr, slower = trained("slower", lr=1e-3)
+    assert lr == 1e-3
+    assert all(torch.equal(unset[k], given[k]) for k in unset)  # the same steps
+    assert not all(torch.equal(unset[k], slower[k]) for k in unset)
+    # the VAE and M1+M2 keep 1e-3 (measured with it)
+    assert (M1M2.default_lr, config_module.Config().model.kind) == (1e-3, "vae")
+    vae_run = tmp_path / "vae"
+    train(small_config(train={"epochs": 1}), vae_run, progress=False)
+    assert config_module.load(vae_run / "config.toml").train.lr == 1e-3
+    from pyro_vae.training.train import make_svi
+
+    assert make_svi(load_run(vae_run), config_module.Config())[1].lr == 1e-3

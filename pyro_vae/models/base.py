@@ -54,6 +54,10 @@ class PyroProgram(nn.Module):
 
     pyro_name = "program"
 
+    default_lr = 1e-3
+    """Adam's learning rate where the config leaves ``train.lr`` unset (``fit`` writes it
+    into the run's config)."""
+
     def model_modules(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
 

@@ -35,6 +35,7 @@ from ..inference.elbos import has_bound
 from ..inference.kl import KLTerm
 from ..inference.optim import Adam
 from ..inference.schedules import Schedule, schedules
+from ..models.base import PyroProgram
 from . import distributed, tensorboard
 from .runs import (
     SUMMARY_FILE,
@@ -46,6 +47,10 @@ from .runs import (
 )
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LR = PyroProgram.default_lr
+"""Adam's learning rate for a model without a ``default_lr`` of its own (a user's
+``Trainable``), where the config leaves ``train.lr`` unset."""
 
 
 @runtime_checkable
@@ -285,7 +290,7 @@ def make_optimizer(config: Config) -> Adam:
     """The Adam that SVI steps with, as the config's ``train`` section sets it."""
     t = config.train
     return Adam(
-        t.lr,
+        DEFAULT_LR if t.lr is None else t.lr,
         max_grad_norm=t.clip_grad or None,
         betas=(t.beta1, t.beta2),
         weight_decay=t.weight_decay,
@@ -474,6 +479,8 @@ def fit(
     config = copy.deepcopy(config) if config is not None else ConfigClass()
     _apply_settings(config, settings)
     validate_training(config)
+    if config.train.lr is None:  # the model's own, written into the run's config
+        config.train.lr = getattr(model, "default_lr", DEFAULT_LR)
     if config.train.tensorboard:
         tensorboard.check_available()
     world = world or distributed.World()
