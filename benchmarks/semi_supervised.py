@@ -14,8 +14,9 @@ row, and writes JSON.
 
 The defaults are the settings of docs/RESULTS.md's rows: 50 epochs, M1 trained 30.
 
-Every row takes the same ``--labelled-schedule`` and ``--aux-weight``; M1+M2 trains on
-draws of M1's posterior (``--m1-features mean``: on its means).
+Every row takes the same ``--labelled-schedule`` and ``--aux-weight``, and its model's own
+learning rate (M2's 3e-3; M1+M2's and the ADGM's 1e-3); M1+M2 trains on draws of M1's
+posterior (``--m1-features mean``: on its means).
 """
 
 import argparse
