@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 BINARIZATIONS = ("dynamic", "static", "none")
 COMPILE_MODES = ("none", "trace", "inductor", "cudagraph", "inductor-cudagraph")
+DENORMAL_MODES = ("flush", "keep")
 LABELLED_SCHEDULES = ("every-step", "proportional", "interleave")
 AUX_SCALINGS = ("absolute", "data")
 M1_FEATURES = ("mean", "sample")
@@ -135,6 +136,11 @@ class TrainConfig:
         None,
         "also log each epoch's numbers and pictures to this TensorBoard folder (needs "
         "pip install 'pyro-vae[tensorboard]')",
+    )
+    denormals: str = option(
+        "flush",
+        "on the CPU while training: flush (floats below 1.2e-38 become zero, as JAX's XLA "
+        "does; such values run many times slower, and long runs make them) or keep",
     )
     compile: str = option(
         "none",
@@ -477,6 +483,10 @@ def validate_training(config: Config) -> Config:
         ),
         (d.holdout >= 0, "data.holdout must be >= 0"),
         (t.compile in COMPILE_MODES, f"train.compile must be one of {', '.join(COMPILE_MODES)}"),
+        (
+            t.denormals in DENORMAL_MODES,
+            f"train.denormals must be one of {', '.join(DENORMAL_MODES)}",
+        ),
         (math.isfinite(i.kl_weight) and i.kl_weight >= 0, "inference.kl_weight must be >= 0"),
         (i.kl_warmup >= 0, "inference.kl_warmup must be >= 0"),
         (math.isfinite(i.free_bits) and i.free_bits >= 0, "inference.free_bits must be >= 0"),

@@ -85,6 +85,7 @@ def test_every_subcommand_has_help(command, capsys):
         (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
         (["train", "--prior", "mog:x"], "prior 'mog:x': K='x' must be a whole number >= 1"),
         (["train", "--epochs", "0"], "train.epochs must be >= 1"),
+        (["train", "--denormals", "slow"], "train.denormals must be one of flush, keep"),
         (["train", "--set", "train.lr=fast"], "train.lr must be of type float"),
         (["train", "missing.toml"], "config file missing.toml does not exist"),
         (["train", "--hidden", "4x"], "expected sizes like 400,200"),
@@ -123,7 +124,7 @@ DEFAULTS = {
     "--guide": "normal", "--particles": "1", "--iw-samples": "100", "--epochs": "10",
     "--batch-size": "128", "--lr": "0.001; m2: 0.003", "--seed": "0", "--device": "cpu",
     "--checkpoint-every": "1", "--labeled": "100", "--aux-weight": "5000",
-    "--labelled-schedule": "proportional",
+    "--labelled-schedule": "proportional", "--denormals": "flush",
 }  # fmt: skip
 
 

@@ -93,3 +93,28 @@ def test_a_dataset_class_from_the_user_is_registered_for_the_cli(tmp_path, monke
 
     result = fit(VAE((8, 8), latent_dim=2, hidden=(8,)), "noise", epochs=1, iw_samples=5)
     assert result.summary["dataset"] == "noise"
+
+
+@pytest.mark.parametrize("mode, flushed", [("flush", True), ("keep", False)])
+def test_fit_flushes_denormals_on_the_cpu_while_it_trains_and_restores_the_mode(
+    mode, flushed, digits
+):
+    """Subnormal floats run many times slower on x86 CPUs, and long runs make them
+    (docs/PERFORMANCE.md): by default ``fit`` flushes them to zero, in the model and guide
+    as in the step, and leaves the mode as it found it."""
+    from pyro_vae.training.devices import flushing_denormals
+
+    seen = []
+    program = tiny_vae()
+    model = program.model
+
+    def watched(x, size=None):
+        seen.append(flushing_denormals())
+        return model(x, size)
+
+    program.model = watched
+    (x, _), _ = digits
+    assert not flushing_denormals()
+    fit(program, x, epochs=1, batch_size=256, denormals=mode)
+    assert seen and set(seen) == {flushed}
+    assert not flushing_denormals()

@@ -465,7 +465,7 @@ def fit(
     from ..data import ImageBatches as Batches_
     from ..data import as_dataset, load_dataset
     from ..errors import PyroVAEError
-    from .devices import resolve_device
+    from .devices import denormals, resolve_device
     from .runs import (
         CHECKPOINT_FILE,
         CONFIG_FILE,
@@ -541,16 +541,17 @@ def fit(
             run_dir or "memory",
         )
     try:
-        summary, metrics = run(
-            model,
-            data,
-            config,
-            run_dir,
-            checkpoint=checkpoint,
-            metrics=metrics,
-            world=world,
-            progress=progress,
-        )
+        with denormals(config.train.denormals, data.device):
+            summary, metrics = run(
+                model,
+                data,
+                config,
+                run_dir,
+                checkpoint=checkpoint,
+                metrics=metrics,
+                world=world,
+                progress=progress,
+            )
     except BaseException:
         if run_dir is not None and not resume and world.is_main:
             if not (run_dir / CHECKPOINT_FILE).exists():
