@@ -235,52 +235,45 @@ def test_m2_on_digits_with_100_labels_beats_its_classifier_trained_on_the_labels
 
 
 @needs_mnist
-def test_m2_defaults_on_an_mnist_subset_beat_the_old_defaults_and_the_labels_alone(
-    tmp_path, monkeypatch
-):
-    """100 labels on 6,000 MNIST training images (1,000 of them held out for validation),
-    10 epochs, seeds 0-2: M2 with its defaults (proportional schedule, alpha 5000, its own
-    learning rate) against the defaults it was filed with (every-step, alpha 50, 1e-3) and
-    against its classifier trained on the 100 labels alone with the same steps and rate.
-    Test accuracy at the best validation epoch; each margin, averaged over the seeds, must
-    exceed the largest spread (max - min) over the seeds of any of the three."""
+def test_m2_defaults_on_an_mnist_subset_beat_the_defaults_it_was_filed_with(tmp_path, monkeypatch):
+    """100 labels on MNIST's first 11,000 training images (1,000 of them held out for
+    validation), 10 epochs, seeds 0-2: M2 with its defaults (proportional schedule, alpha
+    5000, its own learning rate) against the defaults it was filed with (every-step, alpha
+    50, 1e-3), under which the classifier overfits its hundred labels, as on all of MNIST.
+    On the bundled digits no setting differs beyond the seeds' spread (docs/RESULTS.md).
+    Test accuracy after the last epoch, on MNIST's first 2,000 test images; the margin,
+    averaged over the seeds, must exceed the spread (max - min) over the seeds of either
+    side and of the paired differences."""
     from pyro_vae.data import Dataset, datasets, mnist
 
     monkeypatch.setattr(datasets, "_entries", dict(datasets._entries))
 
-    @datasets.register("mnist-6k")
-    def mnist_6k(data_dir=None):
-        """MNIST's first 6,000 training and first 2,000 test images."""
+    @datasets.register("mnist-11k")
+    def mnist_11k(data_dir=None):
+        """MNIST's first 11,000 training and first 2,000 test images."""
         d = mnist(data_dir)
         return Dataset(
-            "mnist-6k", d.image_shape, d.levels, d.train_images[:6000], d.train_labels[:6000],
-            d.test_images[:2000], d.test_labels[:2000],
+            "mnist-11k", d.image_shape, d.levels, d.train_images[:11000],
+            d.train_labels[:11000], d.test_images[:2000], d.test_labels[:2000],
         )  # fmt: skip
 
-    def accuracy(seed, name, **semi_fields):
+    def trained(seed, name, **fields):
         config = Config()
-        config.data.dataset, config.data.data_dir = "mnist-6k", str(mnist_dir())
+        config.data.dataset, config.data.data_dir = "mnist-11k", str(mnist_dir())
         config.model.kind, config.model.hidden, config.model.latent_dim = "m2", [256], 16
         config.semi.validation = 1000
-        for key, value in semi_fields.items():
-            setattr(config.semi if key != "lr" else config.train, key, value)
         config.train.epochs, config.train.seed = 10, seed
-        summary = train(config, tmp_path / f"{name}-{seed}", progress=False)
-        return summary["test_accuracy_at_best_validation"], config
+        for key, value in fields.items():
+            setattr(config.train if key == "lr" else config.semi, key, value)
+        return train(config, tmp_path / f"{name}-{seed}", progress=False)["test_accuracy"]
 
-    new, old, alone = [], [], []
-    for seed in range(3):
-        accuracy_new, config = accuracy(seed, "new")
-        new.append(accuracy_new)
-        old.append(accuracy(seed, "old", schedule="every-step", aux_weight=50.0, lr=1e-3)[0])
-        data = ImageBatches(load_dataset("mnist-6k", str(mnist_dir())), "dynamic")
-        parts = semi.split_for(config, data.dataset)
-        steps = 10 * math.ceil(len(parts.unlabelled) / config.train.batch_size)
-        alone.append(labels_alone(data, parts, seed, 256, steps, config.train.lr))
-    print("test accuracy at best validation, new / old defaults / labels alone:", new, old, alone)
-    spread = max(max(a) - min(a) for a in (new, old, alone))
-    assert sum(new) - sum(old) > 3 * spread, (new, old)
-    assert sum(new) - sum(alone) > 3 * spread, (new, alone)
+    new = [trained(seed, "new") for seed in range(3)]
+    filed = {"schedule": "every-step", "aux_weight": 50.0, "lr": 1e-3}
+    old = [trained(seed, "old", **filed) for seed in range(3)]
+    print("test accuracy, the defaults / those M2 was filed with:", new, old)
+    gains = [a - b for a, b in zip(new, old, strict=True)]
+    spread = max(max(a) - min(a) for a in (new, old, gains))
+    assert sum(gains) / 3 > spread, (new, old)
 
 
 def test_m2_trains_and_reloads_on_a_dataset_with_three_classes(tmp_path, monkeypatch):
