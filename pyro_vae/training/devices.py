@@ -41,7 +41,7 @@ def set_flush_denormal(flush: bool) -> bool:
     ``torch.set_flush_denormal`` sets the calling thread's mode only, and threads take
     it from the thread that starts them: once torch's pool has started, its workers keep
     theirs, and half of a 2-thread elementwise op still ran through subnormals. So the
-    mode is also set inside one OpenMP parallel region of the pool's own ``libgomp``
+    mode is also set inside one OpenMP parallel region of the pool's own runtime
     (found among the loaded libraries, Linux), a thread at a time.
     """
     if not torch.set_flush_denormal(flush):
@@ -61,11 +61,11 @@ _SET_MODE = {
 
 @functools.cache
 def _torch_libgomp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime torch runs its intra-op threads on, or None (another
-    runtime, another system)."""
+    """The OpenMP runtime torch runs its intra-op threads on (GNU's, or Intel's, which
+    implements GNU's entry points), or None (another system)."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     except OSError:
         return None
     for path in sorted(paths):
