@@ -197,12 +197,12 @@ def test_m1m2_refuses_a_bernoulli_likelihood_and_an_m1_of_other_data(trained_run
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def labels_alone(data, parts, seed: int, hidden: int, steps: int, lr: float = 1e-3) -> float:
+def labels_alone(data, parts, seed: int, hidden: int, steps: int) -> float:
     """Test accuracy of M2's classifier net trained on the labelled images alone, as in M2:
     every step the whole labelled set, binarized afresh; Adam at the same rate."""
     torch.manual_seed(seed)
     net = mlp([data.train_images.shape[1], hidden, 10])
-    optimizer = torch.optim.Adam(net.parameters(), lr)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     labels = data.dataset.train_labels[parts.labelled]
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(net(data.batch(parts.labelled)), labels)

@@ -29,7 +29,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def flushing_denormals() -> bool:
     """Whether the CPU now flushes subnormal floats to zero, on this thread and on each
-    of torch's intra-op threads (a division large enough to be split among them)."""
+    of torch's intra-op threads (a product large enough to be split among them)."""
     small = torch.full((1 << 17,) if torch.get_num_threads() > 1 else (1,), 1e-30)
     return not bool((small * 1e-9).count_nonzero())  # 1e-39, below float32's 1.2e-38
 
