@@ -103,3 +103,16 @@ def test_the_semi_supervised_benchmark_writes_its_table_with_every_row(tmp_path)
     assert 'm1_features = "mean"' in config, "not the default, sample"
     table = (tmp_path / "semi_supervised.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and "class from y" in table[0]
+
+
+@needs_mnist
+def test_the_classifier_alone_benchmark_writes_m2_and_each_rate_per_seed(tmp_path):
+    args = ["--data-dir", str(mnist_dir()), "--train-images", "1200", "--validation", "200"]
+    args += ["--test-images", "300", "--epochs", "1", "--hidden", "16", "--latent-dim", "4"]
+    done = run_benchmark("semi_alone.py", *args, "--seeds", "0,1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "semi_alone.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1] and all(len(r["alone"]) == 2 for r in rows)
+    assert all(r["steps"] == 8 for r in rows), "1 epoch of 900 unlabelled images, batch 128"
+    table = (tmp_path / "semi_alone.md").read_text().splitlines()
+    assert len(table) == 2 + 2 + 1 and table[-1].startswith("| mean |")
+    assert "labels alone, lr 0.001" in table[0] and table[0] in done.stdout

@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from pyro.infer import TraceEnum_ELBO
 
+from ..components.nets import mlp
 from ..config import Config
 from ..data import Dataset, ImageBatches
 from ..errors import PyroVAEError
@@ -212,6 +213,38 @@ def class_from_y(model: SSVAE, images: torch.Tensor) -> float:
         c = classes.repeat(len(xb))
         hits += (model.class_logits_of(model.decode(z, c)).argmax(-1) == c).sum().item()
     return hits / (len(images) * k)
+
+
+def labels_alone(
+    data: ImageBatches,
+    parts: Split,
+    hidden: Sequence[int],
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """The baseline M2 has to beat: test accuracy of M2's classifier network (an MLP with
+    ``hidden`` sizes, from images to class logits) trained on the labelled images alone.
+    Each of ``steps`` steps takes the whole labelled set, binarized afresh as M2's batches
+    are, and one Adam step at ``lr`` on its cross-entropy. The initialization and the
+    binarization's noise are drawn from generators seeded with ``seed``, and torch's and
+    the data's generators are left as they were: the figure is a function of its arguments."""
+    with data.generator_kept():
+        torch.manual_seed(seed)
+        data.rng.seed(seed)
+        classes = data.dataset.num_classes
+        net = mlp([data.train_images.shape[1], *hidden, classes]).to(data.device)
+        optimizer = torch.optim.Adam(net.parameters(), lr)
+        labels = data.dataset.train_labels[parts.labelled].to(data.device)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(net(data.batch(parts.labelled)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = [net(xb) for xb in data.test_images.split(EVAL_BATCH)]
+    predicted = torch.cat(logits).argmax(-1).cpu()
+    return (predicted == data.dataset.test_labels).float().mean().item()
 
 
 def split_for_model(model: SSVAE, data: ImageBatches, seed: int) -> Split:
