@@ -198,6 +198,22 @@ def test_data_scaling_weighs_the_mean_of_the_labelled_aux_terms_by_alpha_n(digit
     assert absolute.aux_per_image == 50.0
 
 
+@pytest.mark.parametrize("kind", ["m2", "adgm"])
+def test_data_scaling_outside_training_asks_for_the_counts_instead_of_using_alpha_as_is(
+    kind, digits
+):
+    from pyro_vae import ADGM
+
+    cls = SSVAE if kind == "m2" else ADGM
+    model = cls((8, 8), latent_dim=3, hidden=(16,), aux_scaling="data", aux_weight=0.1)
+    x, y = digits[0][:4], one_hot(digits[1][:4])
+    with pytest.raises(PyroVAEError, match="aux_per_image = model.aux_weight_per_image"):
+        poutine.trace(model.semi_model).get_trace(x, x, y)
+    model.aux_per_image = model.aux_weight_per_image(100, 1200)
+    aux = poutine.trace(model.semi_model).get_trace(x, x, y)
+    assert aux.nodes["labelled/y_aux"]["scale"] == pytest.approx(1.2)
+
+
 def test_the_labelled_scale_multiplies_the_labelled_terms_of_the_step(m2, digits):
     m2.aux_per_image = 50.0  # alpha; small enough for float32 sums to hold to 1e-6
     x, labels = digits[0][:6], digits[1][:4]

@@ -90,7 +90,7 @@ class ADGM(SSVAE):
         """alpha * log q(y|a,x) on labelled images, a the guide's draw from q(a|x) (a fresh
         draw when called alone)."""
         self.register("guide")
-        weight = self.aux_weight if self.aux_per_image is None else self.aux_per_image
+        weight = self.aux_term_weight()
         if weight == 0:
             return
         if a is None:

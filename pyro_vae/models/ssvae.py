@@ -100,7 +100,7 @@ class SSVAE(PyroProgram):
             raise PyroVAEError(f"schedule must be one of {', '.join(LABELLED_SCHEDULES)}")
         self.aux_scaling, self.schedule = aux_scaling, schedule
         self.aux_per_image: float | None = None
-        """alpha per labelled image as training set it (None: ``aux_weight``)."""
+        """alpha per labelled image as training set it (None: unset; see ``aux_term_weight``)."""
         self.likelihood = likelihoods.build(likelihood, data_dim=self.data_dim)
         self.posterior = guides.build(guide, latent_dim=latent_dim)
         try:
@@ -151,7 +151,7 @@ class SSVAE(PyroProgram):
         """The auxiliary model: alpha * log q(y|x) on labelled images (its guide is empty),
         alpha the weight per image that ``aux_scaling`` gives (no term when it is 0)."""
         self.register("guide")
-        weight = self.aux_weight if self.aux_per_image is None else self.aux_per_image
+        weight = self.aux_term_weight()
         if weight == 0:  # poutine.scale refuses 0, and the term is nothing
             return
         with pyro.plate(plate, x.shape[0]), pyro.poutine.scale(scale=weight):
@@ -159,6 +159,21 @@ class SSVAE(PyroProgram):
 
     def empty_guide(self, x: torch.Tensor, y: torch.Tensor, plate: str = "data") -> None:
         """The guide of ``classifier``: it has no latent variables."""
+
+    def aux_term_weight(self) -> float:
+        """alpha per labelled image in the aux term: as training set it (``aux_per_image``),
+        else ``aux_weight`` itself where the scaling is ``absolute``. ``data`` scaling needs
+        the training set's counts, so a model stepped outside ``train`` must be told them."""
+        if self.aux_per_image is not None:
+            return self.aux_per_image
+        if self.aux_scaling == "data":
+            raise PyroVAEError(
+                "aux_scaling='data' weighs alpha by the training set's size, which training "
+                "sets; stepping SVI yourself, set model.aux_per_image = "
+                "model.aux_weight_per_image(labelled, images) first, or use "
+                "aux_scaling='absolute'"
+            )
+        return self.aux_weight
 
     def aux_weight_per_image(self, labelled: int, images: int) -> float:
         """The weight of one labelled image's log q(y|x), given the counts of labelled and
