@@ -109,7 +109,7 @@ class TrainConfig:
     epochs: int = option(10, "passes over the training set")
     batch_size: int = option(128, "images per SVI step")
     lr: float | None = option(
-        None, "Adam learning rate (unset: the model's own)", shown="0.001; m2: 0.003"
+        None, "Adam learning rate (unset: the model's own)", shown="0.001; m2, m1m2, adgm: 0.003"
     )
     beta1: float = option(0.9, "Adam's decay rate of the gradient's running mean")
     beta2: float = option(0.999, "Adam's decay rate of the squared gradient's running mean")
