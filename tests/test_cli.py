@@ -122,7 +122,7 @@ DEFAULTS = {
     "--dataset": "digits", "--binarize": "dynamic", "--model": "vae", "--arch": "mlp",
     "--hidden": "400", "--latent-dim": "50", "--prior": "normal", "--likelihood": "bernoulli",
     "--guide": "normal", "--particles": "1", "--iw-samples": "100", "--epochs": "10",
-    "--batch-size": "128", "--lr": "0.001; m2: 0.003", "--seed": "0", "--device": "cpu",
+    "--batch-size": "128", "--lr": "0.001; m2, m1m2, adgm: 0.003", "--seed": "0", "--device": "cpu",
     "--checkpoint-every": "1", "--labeled": "100", "--aux-weight": "5000",
     "--labelled-schedule": "proportional", "--denormals": "flush",
 }  # fmt: skip
